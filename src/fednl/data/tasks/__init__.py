@@ -1,0 +1,1 @@
+"""Task builders: each turns a task config into its natural clients (see ``fednl.data.build``)."""
