@@ -46,4 +46,6 @@ def recurrent_reference(
             raise ValueError(f"unknown memory rule {rule!r}; expected 'delta' or 'hebbian'")
         S = S + torch.einsum("bhk,bhv->bhkv", k_t, write)
         outputs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
+    if not outputs:  # T == 0: nothing to read, the state is unchanged
+        return v.new_zeros(B, 0, H, Dv), S
     return torch.stack(outputs, dim=1), S
