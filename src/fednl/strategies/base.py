@@ -96,6 +96,13 @@ class Strategy(ABC):
         model_config = ConfigDict(extra="forbid")
         fraction_fit: float = 1.0  # fraction of clients sampled per round (at least one)
 
+    @classmethod
+    def model_kind_for(cls, options: BaseModel | None) -> str:
+        """The model kind to build for these options (default: ``model_kind``). A strategy whose model shape
+        depends on its options (FLoRAL's number of adaptors) returns a kind it registered for them."""
+        del options
+        return cls.model_kind
+
     def __init__(self, options: BaseModel | None = None, *, groups: Mapping[str, set[str]]):
         self.options = options if options is not None else self.Options()
         self.groups = {k: set(v) for k, v in groups.items()}
@@ -158,6 +165,13 @@ class Strategy(ABC):
         """New global parameters from the replies (default: N_k-weighted mean of every shared tensor)."""
         check_replies(replies, expected=set(global_params), reference=global_params)
         return weighted_mean([r.payload.tensors for r in replies], [r.num_examples for r in replies])
+
+    def eval_params(self, cid: str, global_params: Params, client_state: Any) -> Params:
+        """Parameter values client ``cid`` is evaluated with, installed *after* its local parameters (default:
+        the global shared ones). Personalising strategies override it (FedTreeLoRA: the client's cluster and
+        external adaptors; FedALA: the blend of the global model with the client's model and last weights)."""
+        del cid, client_state
+        return global_params
 
     def server_state(self) -> tuple[Params, dict[str, Any]]:
         """Tensors and JSON-able values the server must checkpoint to resume (default: none)."""

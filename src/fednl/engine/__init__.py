@@ -1,0 +1,6 @@
+"""Engines that run federated rounds: the in-process simulator, the wire (dtype casts), the byte ledger and
+the run state (checkpoint / resume).
+
+Import the sub-modules directly (``fednl.engine.simulator``, ``fednl.engine.ledger``, ...); this package
+imports nothing heavy so that ``fednl.client`` can use :mod:`fednl.engine.atomic` without a cycle.
+"""

@@ -1,0 +1,317 @@
+"""In-process, deterministic federated simulator.
+
+One model object — the frozen backbone plus its small trainable tensors — serves every client: before a
+client trains (or is evaluated) only its tensors are copied in (its local parameters from its
+:class:`ClientState`, the shared ones from the server's payload). Nothing is ever copied per client except
+those small tensors.
+
+Determinism: client sampling uses a seeded :class:`random.Random` whose state is checkpointed; each
+(round, client) trains with a torch generator (shuffling) and a forked global torch RNG seeded from
+``sha256(seed, round, cid)``, so the result does not depend on what ran before in the process. After every
+round the full run state is checkpointed (:mod:`fednl.engine.runstate`), and ``resume=True`` continues from the
+newest checkpoint to a bit-identical end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from fednl.client.state import ClientState
+from fednl.client.trainer import run_client_round
+from fednl.engine import wire
+from fednl.engine.atomic import atomic_write_json, atomic_write_text
+from fednl.engine.ledger import group_index
+from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
+from fednl.eval.metrics import PRIMARY_METRIC, evaluate_examples
+from fednl.strategies.base import ClientReply, Params, Strategy, StrategyError
+
+if TYPE_CHECKING:
+    from fednl.config import EngineConfig, TrainConfig
+
+COUNT_KEYS = frozenset({"n", "tokens"})  # per-client counts, not averaged into "mean"
+# settings a resume may change: they affect speed, logging or evaluation, never the trained parameters
+RESUME_MUTABLE = ("rounds", "out", "description", "engine.progress", "engine.device", "engine.threads",
+                  "engine.eval_every", "engine.eval_batch_size")
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and labels (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes (checks a rebuilt model on resume)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ignoring what a resume may change."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MUTABLE)]
+
+
+@dataclass
+class RunSpec:
+    """What a run needs besides the model, tokenizer, task and strategy."""
+
+    rounds: int
+    seed: int
+    train: TrainConfig
+    engine: EngineConfig
+    out: Path
+    method: str
+    model_name: str
+    config: dict[str, Any] = field(default_factory=dict)  # resolved config (JSON form), checked on resume
+
+
+class Simulator:
+    """Run ``spec.rounds`` federated rounds of ``strategy`` on ``task`` with one shared ``model``."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: Any, strategy: Strategy, spec: RunSpec,
+                 *, log: Callable[[str], None] = print):
+        self.model, self.tokenizer, self.task, self.strategy, self.spec = model, tokenizer, task, strategy, spec
+        self.log = log
+        names = [c.name for c in task.clients]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task {task.name!r}: client names are not unique: {names}")
+        if not names:
+            raise ValueError(f"task {task.name!r} has no clients")
+        self.client_names = names
+        self.data = {c.name: c for c in task.clients}
+        self.index = group_index(strategy.groups)
+        self.device = next(iter(model.parameters())).device
+        self.out = Path(spec.out)
+        self.ckpt_dir = self.out / "checkpoint"
+        self.metrics_path = self.out / "metrics.jsonl"
+        live = {n: p.detach() for n, p in model.named_parameters()}
+        self.fingerprint = model_fingerprint(model)
+        self._fresh = RunState(
+            round=0,
+            global_params=strategy.init_server(live),
+            initial_local={n: live[n].to("cpu").clone() for n in sorted(strategy.local_names())},
+            clients={cid: ClientState(cid) for cid in names},
+        )
+
+    # ------------------------------------------------------------------ parameter swapping
+    def _install(self, cid: str, global_params: Params, state: RunState) -> None:
+        """Load client ``cid``'s personalised model into the shared one: its local parameters (persisted, or
+        the initial values if it never trained), then ``strategy.eval_params`` (default: the global shared)."""
+        live = dict(self.model.named_parameters())
+        client = state.clients[cid]
+        local = client.local_params()
+        with torch.no_grad():
+            for n in self.strategy.local_names():
+                live[n].copy_(local.get(n, state.initial_local[n]))
+            for n, t in self.strategy.eval_params(cid, global_params, client).items():
+                if n not in live:
+                    raise StrategyError(f"strategy {self.strategy.name!r}: eval_params names unknown parameter {n!r}")
+                live[n].copy_(t)
+
+    def evaluate(self, state: RunState) -> dict[str, dict[str, float]]:
+        """Each training client's personalised model on its test split."""
+        return {cid: self._evaluate_one(cid, self.data[cid].test, state) for cid in self.client_names
+                if self.data[cid].test}
+
+    def evaluate_heldout(self, state: RunState) -> dict[str, dict[str, float]]:
+        """Held-out clients (never trained): global shared + initial local parameters, on all their examples."""
+        out = {}
+        for c in self.task.heldout:
+            examples = [*c.train, *c.test]
+            if examples:
+                out[c.name] = self._evaluate_one(c.name, examples, state, ClientState(c.name))
+        return out
+
+    def _evaluate_one(self, cid: str, examples: list[Any], state: RunState,
+                      client: ClientState | None = None) -> dict[str, float]:
+        if client is not None:  # a client outside the federation: install with a throw-away state
+            state = RunState(state.round, state.global_params, state.initial_local, {cid: client})
+        self._install(cid, state.global_params, state)
+        bs = int(self.spec.engine.eval_batch_size or self.spec.train.batch_size)
+        return evaluate_examples(self.model, self.tokenizer, examples, seq_len=int(self.spec.train.seq_len),
+                                 batch_size=bs)
+
+    # ------------------------------------------------------------------ one round
+    def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
+        chosen = self.strategy.sample(rnd, list(self.client_names), rng)
+        unknown = [c for c in chosen if c not in self.data]
+        if not chosen or unknown:
+            raise StrategyError(f"strategy {self.strategy.name!r} sampled an invalid client set {chosen}")
+        dtype = self.spec.engine.wire_dtype
+        seeds = {cid: derive_seed(self.spec.seed, "client", rnd, cid) for cid in chosen}
+        state.schedule.append({"round": rnd, "clients": list(chosen), "seeds": {c: str(s) for c, s in seeds.items()}})
+        replies: list[ClientReply] = []
+        show = bool(self.spec.engine.progress) and sys.stderr.isatty()
+        for cid in tqdm(chosen, desc=f"round {rnd}", unit="client", leave=False, disable=not show):
+            down = wire.encode(self.strategy.configure_train(rnd, cid, state.global_params), dtype)
+            state.ledger.record(rnd, cid, "down", down, self.index, dtype)
+            gen = torch.Generator().manual_seed(seeds[cid])
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+                torch.manual_seed(derive_seed(self.spec.seed, "torch", rnd, cid))
+                reply = run_client_round(
+                    self.model, self.strategy, cid, wire.decode(down), state.clients[cid], self.data[cid].train,
+                    self.tokenizer, self.spec.train, rnd, gen, initial_local=state.initial_local,
+                )
+            up = wire.encode(reply.payload, dtype)
+            state.ledger.record(rnd, cid, "up", up, self.index, dtype)
+            replies.append(ClientReply(cid, wire.decode(up, like=state.global_params), reply.num_examples, reply.metrics))
+        return replies, chosen
+
+    # ------------------------------------------------------------------ the run
+    def _start(self, resume: bool) -> tuple[RunState, random.Random]:
+        rng = random.Random(self.spec.seed)
+        if not resume:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.metrics_path, "")
+            state = self._fresh
+            state.python_random = rng.getstate()
+            state.info = {"config": self.spec.config, "wall_s": 0.0, "fingerprint": self.fingerprint, "last_eval": {}}
+            return state, rng
+        state = load_checkpoint(self.ckpt_dir)
+        drift = config_drift(state.info.get("config", {}), self.spec.config)
+        if drift:
+            raise ValueError(f"cannot resume {self.out}: the config differs from the checkpointed run in {drift}")
+        if state.info.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"cannot resume {self.out}: the rebuilt model differs from the checkpointed run's model")
+        if set(state.clients) != set(self.client_names):
+            raise ValueError(f"cannot resume {self.out}: checkpoint clients {sorted(state.clients)} != task clients")
+        self.strategy.load_server_state(state.server_tensors, state.server_info)
+        if state.python_random is not None:
+            rng.setstate(state.python_random)
+        if state.torch_rng is not None:
+            torch.set_rng_state(state.torch_rng)
+        self._truncate_metrics(state.round)
+        state.info["config"] = self.spec.config
+        self.log(f"resuming {self.out} after round {state.round}")
+        return state, rng
+
+    def _truncate_metrics(self, last_round: int) -> None:
+        keep: list[str] = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("round", 0) <= last_round:
+                    keep.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+
+    def _append_metrics(self, records: list[dict[str, Any]]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+
+    def _is_eval_round(self, rnd: int) -> bool:
+        every = int(self.spec.engine.eval_every)
+        return rnd == self.spec.rounds or (every > 0 and rnd % every == 0)
+
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
+        """Run (or continue) to ``spec.rounds``; returns results.json's content, or ``None`` when
+        ``stop_after`` interrupts the run early (used to test resume)."""
+        state, rng = self._start(resume)
+        if state.round > self.spec.rounds:
+            raise ValueError(f"checkpoint is at round {state.round}, beyond rounds={self.spec.rounds}")
+        session_start = time.perf_counter()
+        wall_before = float(state.info.get("wall_s", 0.0))
+        for rnd in range(state.round + 1, self.spec.rounds + 1):
+            t0 = time.perf_counter()
+            replies, chosen = self._round(rnd, state, rng)
+            state.global_params = self.strategy.aggregate_train(rnd, replies, state.global_params)
+            state.server_tensors, state.server_info = self.strategy.server_state()
+            weights = [r.num_examples for r in replies]
+            loss = sum(r.metrics["train_loss"] * w for r, w in zip(replies, weights)) / sum(weights)
+            records: list[dict[str, Any]] = []
+            evals: dict[str, dict[str, float]] = {}
+            if self._is_eval_round(rnd):
+                evals = self.evaluate(state)
+                state.info["last_eval"] = evals
+                state.info["last_eval_round"] = rnd
+                records += [{"type": "eval", "round": rnd, "client": c, **m} for c, m in evals.items()]
+                records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
+                            for c, m in self.evaluate_heldout(state).items()]
+            s_round = time.perf_counter() - t0
+            up, down = state.ledger.total("up", rnd), state.ledger.total("down", rnd)
+            peak = peak_memory_mb(self.device)
+            records.insert(0, {
+                "type": "round", "round": rnd, "clients": chosen, "train_loss": loss, "bytes_up": up,
+                "bytes_down": down, "s_round": s_round, "peak_mem_mb": peak,
+                "client_train": {r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
+            })
+            self._append_metrics(records)
+            state.round = rnd
+            state.python_random = rng.getstate()
+            state.torch_rng = torch.get_rng_state()
+            state.info["wall_s"] = wall_before + time.perf_counter() - session_start
+            save_checkpoint(self.ckpt_dir, state)
+            self.log(self._line(rnd, loss, evals, up, down, s_round, peak))
+            if stop_after is not None and rnd >= stop_after and rnd < self.spec.rounds:
+                return None
+        state.info["wall_s"] = wall_before + time.perf_counter() - session_start
+        results = self.results(state)
+        atomic_write_json(self.out / "results.json", results)
+        self.state = state
+        return results
+
+    # ------------------------------------------------------------------ reporting
+    def _primary(self) -> str:
+        return PRIMARY_METRIC.get(self.task.kind, "accuracy")
+
+    def _line(self, rnd: int, loss: float, evals: dict[str, dict[str, float]], up: int, down: int,
+              s_round: float, peak: float) -> str:
+        key = self._primary()
+        vals = [m[key] for m in evals.values() if key in m]
+        metric = f"{key} {sum(vals) / len(vals):.4f}" if vals else f"{key} -"
+        return (f"round {rnd:>3}/{self.spec.rounds} | loss {loss:.4f} | {metric} | "
+                f"↑ {human_bytes(up)} ↓ {human_bytes(down)} | {s_round:.2f} s/round | peak mem {peak:.0f} MB")
+
+    def results(self, state: RunState) -> dict[str, Any]:
+        clients: dict[str, dict[str, float]] = state.info.get("last_eval", {})
+        keys = sorted({k for m in clients.values() for k in m if k not in COUNT_KEYS})
+        mean = {k: sum(m[k] for m in clients.values() if k in m) / sum(1 for m in clients.values() if k in m)
+                for k in keys}
+        return {
+            "method": self.spec.method, "model": self.spec.model_name, "task": self.task.name,
+            "rounds": self.spec.rounds, "clients": clients, "mean": mean, "comm": state.ledger.summary(),
+            "wall_s": round(float(state.info.get("wall_s", 0.0)), 3), "seed": self.spec.seed,
+        }

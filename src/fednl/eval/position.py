@@ -1,0 +1,88 @@
+"""Per-token next-token cross-entropy, for streaming CE by position bin (paper Fig. 5).
+
+:func:`token_ce_reference` is the readable specification (one ``log_softmax`` row per position);
+:func:`token_ce` is the vectorised path (one ``F.cross_entropy(..., reduction="none")``). Both map logits
+``[B, T, V]`` and targets ``[B, T]`` (``-100`` = not scored) to a ``[B, T]`` tensor, 0 where not scored.
+:func:`ce_by_position` runs a model over ``text`` examples and bins the per-token CE with
+:func:`fednl.data.bins.bin_means`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fednl.client.batching import IGNORE, collate, encode_cached
+from fednl.client.trainer import model_device, model_logits
+from fednl.data.bins import bin_means, relative_to_first
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.ndim != 3 or targets.ndim != 2 or logits.shape[:2] != targets.shape:
+        raise ValueError(f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+
+
+def token_ce_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position CE, one position at a time (the specification)."""
+    _check(logits, targets)
+    B, T, _ = logits.shape
+    rows = []
+    for b in range(B):
+        row = []
+        for t in range(T):
+            y = int(targets[b, t])
+            if y == IGNORE:
+                row.append(logits.new_zeros(()))
+            else:
+                row.append(-torch.log_softmax(logits[b, t].float(), dim=-1)[y])
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position CE in one vectorised call (0 where ``targets == -100``)."""
+    _check(logits, targets)
+    B, T, V = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=IGNORE,
+                         reduction="none")
+    return ce.reshape(B, T)
+
+
+@torch.no_grad()
+def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int,
+                   bin_size: int, batch_size: int) -> dict[str, Any]:
+    """Token-weighted mean CE per position bin over ``text`` examples, and each bin relative to the first.
+
+    Position ``t`` is the 0-based index of the *predicted* token in the document (the input at ``t - 1``
+    predicts it), so the first scored token sits at position 1 of bin 0.
+    """
+    texts = [e for e in examples if e.kind == "text"]
+    if not texts:
+        raise ValueError("ce_by_position: no 'text' examples")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    enc = [encode_cached(e, tokenizer, seq_len) for e in texts]
+    width = max(len(e.ids) for e in enc)
+    values = np.zeros((len(enc), width), dtype=np.float64)
+    mask = np.zeros((len(enc), width), dtype=bool)
+    for start in range(0, len(enc), batch_size):
+        chunk = enc[start:start + batch_size]
+        batch = collate(chunk, int(tokenizer.eos_id)).to(device)
+        ce = token_ce(model_logits(model, batch.input_ids), batch.targets).cpu().numpy()
+        scored = (batch.targets != IGNORE).cpu().numpy()
+        T = ce.shape[1]
+        # input position t predicts token position t + 1
+        values[start:start + len(chunk), 1:T + 1] = ce[:, : width - 1]
+        mask[start:start + len(chunk), 1:T + 1] = scored[:, : width - 1]
+    model.train(was_training)
+    means = bin_means(values, bin_size, mask)
+    keep = [i for i, m in enumerate(means) if np.isfinite(m)]
+    bins = [float(means[i]) for i in keep]
+    return {"bin_size": int(bin_size), "bin_start": [i * bin_size for i in keep], "ce": bins,
+            "relative": relative_to_first(bins), "tokens": int(mask.sum()), "n": len(texts)}

@@ -1,0 +1,244 @@
+"""Post-hoc evaluation protocol of a finished run (``fednl evaluate RUN_DIR``).
+
+The run's simulator is rebuilt from ``config.resolved.toml`` and its newest checkpoint (the state after the
+final round's aggregation, round ``R``). Views, each on every training client's test split:
+
+* ``personalised`` — the client's local parameters kept + what the strategy installs for evaluation
+  (``Simulator._install``); the number a run reports.
+* ``global``       — global shared parameters + the *initial* values of the local parameters (as a client that
+  never trained would see it).
+* ``memory_off``   — titans models only: ``personalised`` with the memory gate forced to the softmax side
+  (``set_gate_override(model, 0.0)``), so ``personalised - memory_off`` is the memory's contribution.
+* ``heldout``      — held-out clients (never trained): global + initial local, on all their examples.
+
+Each view gets ``summary`` = mean, worst client and (population) std of the task's primary metric.
+
+**Aggregation drop** (paper Fig. 3). For each client, one more local round ``R + 1`` is run from its
+personalised post-aggregation state exactly as the simulator would run it (``run_client_round`` with the payload
+``strategy.configure_train(R + 1, cid, global)`` passed through the wire dtype, the same seed derivation
+``derive_seed(seed, "client" | "torch", R + 1, cid)``); the resulting *locally fine-tuned* model is evaluated
+before anything is sent back. ``local - aggregated`` is reported raw (``delta``) and as ``drop``, signed so that
+a positive drop means aggregation cost that client performance (``local - aggregated`` for higher-is-better
+metrics, ``aggregated - local`` for CE). Nothing is written back: the checkpoint is left untouched.
+
+**NIAH by depth**: mc examples grouped by ``meta["depth"]`` (:mod:`fednl.eval.depth`), per client and pooled.
+**Streaming CE by position**: per-token CE binned by ``task.bin_size`` (:mod:`fednl.eval.position`), each bin
+relative to the first. Both for the personalised view, and for ``memory_off`` on titans models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fednl.client.state import ClientState
+from fednl.client.trainer import run_client_round
+from fednl.engine import wire
+from fednl.engine.atomic import atomic_write_json
+from fednl.engine.runstate import RunState, load_checkpoint
+from fednl.engine.simulator import Simulator, derive_seed
+from fednl.eval.depth import evaluate_with_depths, merge_depths
+from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, evaluate_examples
+from fednl.eval.position import ce_by_position
+
+EVAL_NAME = "eval.json"
+
+
+def summarise(per_client: dict[str, dict[str, float]], metric: str, *,
+              higher_is_better: bool | None = None) -> dict[str, Any]:
+    """Mean, worst client (min, or max for lower-is-better metrics) and population std of ``metric``."""
+    vals = {c: float(m[metric]) for c, m in per_client.items() if metric in m}
+    if not vals:
+        return {"metric": metric, "mean": None, "worst": None, "worst_client": None, "std": None, "n_clients": 0}
+    mean = sum(vals.values()) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals.values()) / len(vals))
+    hib = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
+    pick = min if hib else max
+    worst_client = pick(vals, key=lambda c: vals[c])
+    return {"metric": metric, "mean": mean, "worst": vals[worst_client], "worst_client": worst_client,
+            "std": std, "n_clients": len(vals)}
+
+
+def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
+    """Signed so that positive = aggregation hurt (see the module docstring)."""
+    return (local - aggregated) if HIGHER_IS_BETTER.get(metric, True) else (aggregated - local)
+
+
+def _is_titans(sim: Simulator) -> bool:
+    from fednl.models.titans import titans_layers
+
+    return bool(titans_layers(sim.model))
+
+
+class _GateOff:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        from fednl.models.titans import set_gate_override
+
+        set_gate_override(self.model, 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        from fednl.models.titans import set_gate_override
+
+        set_gate_override(self.model, None)
+
+
+def load_run(run_dir: str | Path, *, log: Any = print) -> tuple[Simulator, RunState]:
+    """Rebuild the simulator of ``run_dir`` and load its newest checkpoint (verified)."""
+    from fednl.config import RESOLVED_NAME, load_runs
+    from fednl.engine.experiment import build_simulator
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / RESOLVED_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist ({run_dir} is not a run directory)")
+    cfgs = load_runs(str(cfg_path))
+    if len(cfgs) != 1:
+        raise ValueError(f"{cfg_path} describes {len(cfgs)} runs (a suite): evaluate each member directory "
+                         f"({', '.join(c.method.name for c in cfgs)}) instead")
+    ckpt = run_dir / "checkpoint"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt} does not exist (the run never finished a round)")
+    sim = build_simulator(cfgs[0], run_dir, log=log)
+    state = load_checkpoint(ckpt)
+    if state.info.get("fingerprint") not in (None, sim.fingerprint):
+        raise ValueError(f"{run_dir}: the rebuilt model differs from the checkpointed run's model")
+    if set(state.clients) != set(sim.client_names):
+        raise ValueError(f"{run_dir}: checkpoint clients {sorted(state.clients)} != task clients {sim.client_names}")
+    sim.strategy.load_server_state(state.server_tensors, state.server_info)
+    return sim, state
+
+
+def _bs(sim: Simulator) -> int:
+    return int(sim.spec.engine.eval_batch_size or sim.spec.train.batch_size)
+
+
+def _eval_now(sim: Simulator, examples: list[Any]) -> dict[str, float]:
+    return evaluate_examples(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+                             batch_size=_bs(sim))
+
+
+def _local_round(sim: Simulator, state: RunState, cid: str) -> dict[str, float]:
+    """Round ``R + 1`` of client ``cid`` from a copy of its state, as the simulator runs it; the locally
+    fine-tuned model's metrics on its test split."""
+    rnd = state.round + 1
+    dtype = sim.spec.engine.wire_dtype
+    client = ClientState.from_bytes(*state.clients[cid].to_bytes(), source=f"copy of {cid}")
+    down = wire.decode(wire.encode(sim.strategy.configure_train(rnd, cid, state.global_params), dtype))
+    gen = torch.Generator().manual_seed(derive_seed(sim.spec.seed, "client", rnd, cid))
+    devices = [sim.device] if sim.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=sim.device.type if devices else "cuda"):
+        torch.manual_seed(derive_seed(sim.spec.seed, "torch", rnd, cid))
+        reply = run_client_round(sim.model, sim.strategy, cid, down, client, sim.data[cid].train, sim.tokenizer,
+                                 sim.spec.train, rnd, gen, initial_local=state.initial_local)
+    out = _eval_now(sim, sim.data[cid].test)
+    out["train_loss"] = float(reply.metrics["train_loss"])
+    return out
+
+
+def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
+    bin_size = sim.spec.config.get("task", {}).get("bin_size")
+    if bin_size is None or not any(e.kind == "text" for e in examples):
+        return None
+    return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+                          bin_size=int(bin_size), batch_size=_bs(sim))
+
+
+def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = print) -> dict[str, Any]:
+    """The full protocol on ``run_dir``; returns the record written to ``eval.json``. Uses the run's
+    ``engine.threads`` like ``fednl run`` does."""
+    threads = torch.get_num_threads()
+    try:
+        return _evaluate_run(run_dir, aggregation=aggregation, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    sim, state = load_run(run_dir, log=log)
+    if sim.spec.engine.threads:
+        torch.set_num_threads(int(sim.spec.engine.threads))
+    metric = PRIMARY_METRIC.get(sim.task.kind, "accuracy")
+    titans = _is_titans(sim)
+    seq_len = int(sim.spec.train.seq_len)
+    views: dict[str, dict[str, dict[str, float]]] = {"personalised": {}, "global": {}}
+    if titans:
+        views["memory_off"] = {}
+    depth: dict[str, dict[str, Any]] = {"personalised": {}, **({"memory_off": {}} if titans else {})}
+    position: dict[str, dict[str, Any]] = {"personalised": {}, **({"memory_off": {}} if titans else {})}
+    tested = [c for c in sim.client_names if sim.data[c].test]
+    for cid in tested:
+        test = sim.data[cid].test
+        views["global"][cid] = sim._evaluate_one(cid, test, state, ClientState(cid))
+        sim._install(cid, state.global_params, state)
+        for view in (["personalised", "memory_off"] if titans else ["personalised"]):
+            with _GateOff(sim.model) if view == "memory_off" else contextlib.nullcontext():
+                views[view][cid], d = evaluate_with_depths(sim.model, sim.tokenizer, test, seq_len=seq_len,
+                                                           batch_size=_bs(sim))
+                p = _positions(sim, test)
+            if d:
+                depth[view][cid] = d
+            if p is not None:
+                position[view][cid] = p
+    views["heldout"] = sim.evaluate_heldout(state)
+
+    agg: dict[str, Any] = {}
+    if aggregation:
+        for cid in tested:
+            if not sim.data[cid].train:
+                continue
+            local = _local_round(sim, state, cid)
+            after = views["personalised"][cid]
+            agg[cid] = {"local": local.get(metric), "aggregated": after.get(metric),
+                        "delta": local[metric] - after[metric], "drop": aggregation_drop(local[metric], after[metric], metric),
+                        "local_train_loss": local["train_loss"]}
+    record: dict[str, Any] = {
+        "run_dir": str(Path(run_dir)), "method": sim.spec.method, "model": sim.spec.model_name, "task": sim.task.name,
+        "task_kind": sim.task.kind, "rounds": state.round, "seed": sim.spec.seed, "metric": metric,
+        "higher_is_better": HIGHER_IS_BETTER.get(metric, True), "titans": titans,
+        "views": {v: {"clients": per, "summary": summarise(per, metric)} for v, per in views.items()},
+        "aggregation_drop": {"round": state.round + 1, "clients": agg,
+                             "summary": summarise({c: {"drop": a["drop"]} for c, a in agg.items()}, "drop",
+                                        higher_is_better=False)
+                             if agg else None},
+        "depth": {v: {"clients": per, "pooled": merge_depths(per.values())} for v, per in depth.items() if per},
+        "position": {v: {"clients": per, "pooled": _pool_positions(per)} for v, per in position.items() if per},
+        "wall_s": 0.0,
+    }
+    record["wall_s"] = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def _pool_positions(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Token-weighted pooling is not recoverable from bin means alone; pool by example-count weights per bin."""
+    starts = sorted({s for p in per.values() for s in p["bin_start"]})
+    ce = []
+    for s in starts:
+        num = den = 0.0
+        for p in per.values():
+            if s in p["bin_start"]:
+                i = p["bin_start"].index(s)
+                num += p["ce"][i] * p["n"]
+                den += p["n"]
+        ce.append(num / den)
+    first = ce[0]
+    return {"bin_start": starts, "ce": ce, "relative": [(c - first) / first for c in ce]}
+
+
+def write_eval(run_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:
+    """Run :func:`evaluate_run` and write the record atomically (default ``RUN_DIR/eval.json``)."""
+    record = evaluate_run(run_dir, **kwargs)
+    path = Path(out) if out is not None else Path(run_dir) / EVAL_NAME
+    atomic_write_json(path, record)
+    return path
+
+
+__all__ = ["EVAL_NAME", "aggregation_drop", "evaluate_run", "load_run", "summarise", "write_eval"]

