@@ -159,14 +159,19 @@ def test_aggregation_round_reproduces_the_simulator(runs) -> None:
     the locally kept LoRA tensors equal the 2-round checkpoint's, bit for bit."""
     sim, state = load_run(runs["r1"], log=lambda s: None)
     later = load_checkpoint(runs["r2"] / "checkpoint")
-    for cid in sim.client_names:
-        _local_round(sim, state, cid)
-        live = dict(sim.model.named_parameters())
-        kept = later.clients[cid].tensors
-        names = sorted(sim.strategy.local_names())
-        assert names
-        for n in names:
-            assert torch.equal(live[n].detach(), kept[f"{PARAM_PREFIX}{n}"]), (cid, n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run did (engine.threads = 1); results do not depend on it
+    try:
+        for cid in sim.client_names:
+            _local_round(sim, state, cid)
+            live = dict(sim.model.named_parameters())
+            kept = later.clients[cid].tensors
+            names = sorted(sim.strategy.local_names())
+            assert names
+            for n in names:
+                assert torch.equal(live[n].detach(), kept[f"{PARAM_PREFIX}{n}"]), (cid, n)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_stream_run_has_position_bins(tmp_path) -> None:
@@ -182,3 +187,17 @@ def test_stream_run_has_position_bins(tmp_path) -> None:
 def test_bad_run_dirs(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="config.resolved.toml does not exist"):
         evaluate_run(tmp_path)
+
+
+def test_cli_evaluate(runs, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fednl.cli import app
+
+    out = tmp_path / "e.json"
+    res = CliRunner().invoke(app, ["evaluate", str(runs["r1"]), "--out", str(out), "--no-aggregation-drop"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text())
+    assert rec["aggregation_drop"]["clients"] == {} and rec["views"]["personalised"]["summary"]["n_clients"] == 2
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "config.resolved.toml does not exist" in res.output

@@ -130,10 +130,10 @@ def test_output_is_linear_in_the_gate():
     torch.testing.assert_close(outs[0.3], 0.3 * outs[1.0] + 0.7 * outs[0.0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("rule,decay", [("delta", False), ("delta", True), ("hebbian", False)])
-def test_memory_path_matches_hand_computation(rule, decay):
+@pytest.mark.parametrize("rule,decay,scale", [("delta", False, None), ("delta", True, 1.0), ("hebbian", False, 0.5)])
+def test_memory_path_matches_hand_computation(rule, decay, scale):
     """With the gate forced to 1 the layer is o_proj(memory(q̂, k̂, v, beta, g)), recomputed here by hand."""
-    cfg = MemoryConfig(rule=rule, decay=decay, gate_override=1.0, chunk_size=5)
+    cfg = MemoryConfig(rule=rule, decay=decay, gate_override=1.0, chunk_size=5, scale=scale)
     model = convert_to_titans(_backbone(TINY64), cfg, seed=1)
     attn: TitansAttention = model.model.layers[1].self_attn
     with torch.no_grad():  # make beta data-dependent so the test sees its wiring
@@ -157,7 +157,7 @@ def test_memory_path_matches_hand_computation(rule, decay):
     g = None
     if decay:
         g = -attn.decay.A_log.exp() * F.softplus(x @ attn.decay.a_proj.weight.T + attn.decay.dt_bias)
-    o, _ = recurrent_reference(q_hat, k_hat, v, beta, g=g, scale=1.0, rule=rule)
+    o, _ = recurrent_reference(q_hat, k_hat, v, beta, g=g, scale=D**-0.5 if scale is None else scale, rule=rule)
     expected = F.linear(o.reshape(B, T, H * D), attn.o_proj.weight)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
 

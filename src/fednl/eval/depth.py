@@ -47,7 +47,8 @@ def evaluate_with_depths(model: torch.nn.Module, tokenizer: Any, examples: Seque
     scored once and the overall ``mc`` metrics are their ``n``-weighted means, which equal the per-example means
     of :func:`evaluate_examples` over all examples. Non-``mc`` or depth-less example sets fall back to one call."""
     groups = group_by_depth(examples)
-    rest = [e for e in examples if not (e.kind == "mc" and isinstance(e.meta, dict) and e.meta.get("depth") is not None)]
+    grouped = {id(e) for exs in groups.values() for e in exs}
+    rest = [e for e in examples if id(e) not in grouped]
     if not groups or any(e.kind != "mc" for e in rest):
         overall = evaluate_examples(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size)
         return overall, accuracy_by_depth(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size)

@@ -76,18 +76,23 @@ def _is_titans(sim: Simulator) -> bool:
 
 
 class _GateOff:
+    """Force every memory gate to the softmax side (``g = 0``); restores each layer's previous override."""
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.saved: list[float | None] = []
 
     def __enter__(self) -> None:
-        from fednl.models.titans import set_gate_override
+        from fednl.models.titans import set_gate_override, titans_layers
 
+        self.saved = [layer.gate_override for layer in titans_layers(self.model)]
         set_gate_override(self.model, 0.0)
 
     def __exit__(self, *exc: object) -> None:
-        from fednl.models.titans import set_gate_override
+        from fednl.models.titans import titans_layers
 
-        set_gate_override(self.model, None)
+        for layer, value in zip(titans_layers(self.model), self.saved):
+            layer.gate_override = value
 
 
 def load_run(run_dir: str | Path, *, log: Any = print) -> tuple[Simulator, RunState]:
@@ -197,8 +202,8 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
                 continue
             local = _local_round(sim, state, cid)
             after = views["personalised"][cid]
-            agg[cid] = {"local": local.get(metric), "aggregated": after.get(metric),
-                        "delta": local[metric] - after[metric], "drop": aggregation_drop(local[metric], after[metric], metric),
+            agg[cid] = {"local": local[metric], "aggregated": after[metric], "delta": local[metric] - after[metric],
+                        "drop": aggregation_drop(local[metric], after[metric], metric),
                         "local_train_loss": local["train_loss"]}
     record: dict[str, Any] = {
         "run_dir": str(Path(run_dir)), "method": sim.spec.method, "model": sim.spec.model_name, "task": sim.task.name,

@@ -86,9 +86,11 @@ class MemoryConfig(BaseModel):
       initialised so that ``g = gate_init``) or ``"fixed"`` (``g = gate_fixed_value``, no parameters).
     * ``gate_override``: force ``g`` to this constant in every layer (``0.0`` = exactly the softmax path).
     * ``mode`` / ``chunk_size``: forwarded to :func:`fednl.memory.delta_rule`.
-    * ``scale``: read-out scale of the memory (``o = scale * S^T q``). ``1.0`` by default because q and k are
-      L2-normalised, so a stored pair is read back at the magnitude of ``v`` (commensurate with softmax outputs);
-      ``None`` = the op's default ``D_k ** -0.5``.
+    * ``scale``: read-out scale of the memory (``o = scale * S^T q``); ``None`` (default) = the op's
+      ``D_k ** -0.5``, ``1.0`` reads a stored pair back at the magnitude of ``v``. Measured on SmolLM2-135M
+      (untrained rule, gate 0.1, ``attn_window=512``, Gutenberg text): ``None`` keeps the converted model at the
+      windowed-softmax quality over long streams (CE 3.72 nats at 16K tokens, windowed softmax alone 3.71 at 4K),
+      while ``1.0`` drifts (3.75 at 4K, 4.11 at 16K, 4.84 at 64K).
     * ``attn_window``: limit the softmax path to the ``attn_window`` most recent tokens (itself included); the
       memory carries everything older. ``None`` = full causal attention.
     """
@@ -106,7 +108,7 @@ class MemoryConfig(BaseModel):
     gate_override: float | None = Field(None, ge=0.0, le=1.0)
     mode: Literal["chunk", "recurrent"] = "chunk"
     chunk_size: int = Field(64, ge=1)
-    scale: float | None = Field(1.0, gt=0.0)
+    scale: float | None = Field(None, gt=0.0)
     attn_window: int | None = Field(None, ge=1)
 
 

@@ -125,12 +125,19 @@ def build_report(run_dirs: Sequence[str | Path], *, memory_bench: str | Path | N
         "bytes": lambda: panels.cumulative_bytes(runs),
     }
     blocks = [_panel(k, t, m, makers[k]()) for k, t, m in PANELS]
+    from fednl.report.seeds import markdown_table, seed_groups
+
+    groups = seed_groups(runs)
+    seeds_html = ""
+    if any(len(g["seeds"]) > 1 for g in groups):
+        seeds_html = ("<h2>Across seeds (mean ± sample std over seeds)</h2><pre>"
+                      f"{html.escape(markdown_table(groups))}</pre>")
     runs_meta = "".join(f"<li>{html.escape(r.label)}: {html.escape(str(r.path))} — model "
                         f"{html.escape(str(r.results.get('model', '?')))}, {r.results.get('rounds', '?')} rounds</li>"
                         for r in runs)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><ul class='meta'>{runs_meta}</ul>"
-            f"<h2>Results</h2>{_table(runs)}<div class='grid'>{''.join(blocks)}</div></body></html>\n")
+            f"<h2>Results</h2>{_table(runs)}{seeds_html}<div class='grid'>{''.join(blocks)}</div></body></html>\n")
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, **kwargs: Any) -> Path:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -133,6 +134,7 @@ def cumulative_bytes(runs: Sequence[RunRecord]) -> bytes | None:
             ys.append(total)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative bytes (up + down)")
     ax.set_title("communication")

@@ -8,7 +8,7 @@ sentences are listed in insertion order, i.e. at increasing depth.
 client         needle sentence                                                         question target
 =============  ======================================================================  ===========================
 passkey        ``Officer <name>'s security passkey is <7 digits>.``                     a named officer's passkey
-uuid           ``Operational access code for device <XX-000> is <XXXX-XXXX-XXXX>.``     a device's code
+uuid           ``Operational access code for device <AB-123> is <3 hex groups of 4>.`` a device's code
 name_date      ``Officer <name> filed the registration report on <Month d, yyyy>.``     an officer's filing date
 phrase         ``Mission <Adj Noun>'s activation codeword is <adj-noun-00>.``           a mission's codeword
 counter        ``The counter state base is <n>.`` then ``Counter event: increment|      final state modulo 8

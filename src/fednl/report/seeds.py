@@ -1,0 +1,94 @@
+"""Across-seed tables: runs that differ only in ``seed`` (and output directory) form one group; each group gets
+the mean ± std (over seeds) of the per-run client-mean metric, of the eval.json views, and of the aggregation
+drop. Groups are labelled by method, task and the resolved-config keys that tell them apart."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+from fednl.report.html import results_rows
+from fednl.report.load import RunRecord
+
+IGNORED = ("seed", "out", "description")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_config(run: RunRecord) -> dict[str, Any]:
+    """The flattened resolved config of a run, minus seed / out / description ({} if the file is absent)."""
+    path = run.path / "config.resolved.toml"
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    return {k: v for k, v in _flat(data).items() if k not in IGNORED}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof = 1; 0 for a single value)."""
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def seed_groups(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """One record per group of runs identical up to the seed, in first-seen order."""
+    cfgs = [run_config(r) for r in runs]
+    keys: dict[str, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        keys.setdefault(json.dumps(c, sort_keys=True, default=str), []).append(i)
+    all_keys = sorted({k for c in cfgs for k in c})
+    varying = [k for k in all_keys if len({json.dumps(c.get(k), default=str) for c in cfgs}) > 1
+               and not k.startswith("method.")]
+    rows = results_rows(runs)
+    out = []
+    for idx in keys.values():
+        first = cfgs[idx[0]]
+        label_bits = [f"{k}={first.get(k)}" for k in varying if k not in ("task.name",)]
+        rec: dict[str, Any] = {"method": runs[idx[0]].results["method"], "task": runs[idx[0]].results["task"],
+                               "variant": ", ".join(label_bits), "metric": rows[idx[0]]["metric"],
+                               "seeds": [runs[i].results.get("seed") for i in idx]}
+        for field in ("mean", "worst", "global", "memory_off", "heldout", "agg_drop", "bytes_per_round", "wall_s"):
+            vals = [rows[i][field] for i in idx if rows[i][field] is not None]
+            rec[field] = mean_std(vals) if len(vals) == len(idx) else None
+        rel = [_last_relative(runs[i]) for i in idx]
+        rec["ce_last_bin_rel"] = mean_std(rel) if rel and all(v is not None for v in rel) else None
+        out.append(rec)
+    return out
+
+
+def _last_relative(run: RunRecord) -> float | None:
+    pooled = ((run.evaluation or {}).get("position", {}).get("personalised") or {}).get("pooled")
+    return pooled["relative"][-1] if pooled else None
+
+
+def _pm(v: tuple[float, float] | None, digits: int = 4) -> str:
+    return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+
+
+def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
+    """The across-seed table as Markdown (for docs/RESULTS.md)."""
+    head = ["method", "task", "variant", "seeds", "metric", "mean ± std", "worst", "global", "memory off",
+            "agg. drop", "CE last bin rel.", "bytes / round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        bpr = "–" if g["bytes_per_round"] is None else f"{g['bytes_per_round'][0]:,.0f}"
+        cells = [g["method"], g["task"], g["variant"] or "–", ",".join(str(s) for s in g["seeds"]), g["metric"],
+                 _pm(g["mean"]), _pm(g["worst"]), _pm(g["global"]), _pm(g["memory_off"]), _pm(g["agg_drop"]),
+                 _pm(g["ce_last_bin_rel"]), bpr]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
