@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flower_tiny import tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
 
@@ -26,41 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "loopback_smoke.sh"
 TIMEOUT_S = 420
 
-CONFIG = """
-seed = 11
-rounds = 2
-[method]
-name = "fednl"
-[model]
-source = "tiny"
-tiny_hidden = 16
-tiny_layers = 2
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 32
-[memory]
-chunk_size = 16
-[lora]
-r = 2
-alpha = 4.0
-[task]
-name = "stream"
-doc_length = 32
-parts_per_book = 2
-max_train = 2
-max_test = 2
-bin_size = 16
-[task.partition]
-kind = "iid"
-n_clients = 2
-[train]
-batch_size = 2
-seq_len = 32
-max_steps = 1
-lr = 1e-2
-[engine]
-threads = 1
-"""
+CONFIG = tiny_config(seed=11, rounds=2, method="fednl")
 
 pytestmark = [
     pytest.mark.slow,

@@ -17,50 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from flower_tiny import tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 TIMEOUT_S = 300
-CONFIG = """
-seed = 2
-rounds = 2
-[method]
-name = "fednl"
-[model]
-source = "tiny"
-tiny_hidden = 16
-tiny_layers = 2
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 32
-[memory]
-chunk_size = 16
-[lora]
-r = 2
-alpha = 4.0
-[task]
-name = "stream"
-doc_length = 32
-parts_per_book = 3
-max_train = 2
-max_test = 2
-bin_size = 16
-[task.partition]
-kind = "iid"
-n_clients = 3
-[train]
-batch_size = 2
-seq_len = 32
-max_steps = 1
-lr = 1e-2
-[engine]
-threads = 1
-wire_dtype = "bf16"
-[flower]
-num_cpus = 1
-ray_num_cpus = 2
-"""
+CONFIG = tiny_config(seed=2, rounds=2, method="fednl", n_clients=3, parts_per_book=3,
+                     extra='wire_dtype = "bf16"\n[flower]\nnum_cpus = 1\nray_num_cpus = 2\n')
 
 
 def _pids_naming(marker: str) -> list[int]:
