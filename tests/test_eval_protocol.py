@@ -151,7 +151,13 @@ def test_protocol_views_and_invariances(runs) -> None:
     assert drop["round"] == 2 and set(drop["clients"]) == set(results["clients"])
     for a in drop["clients"].values():
         assert a["drop"] == pytest.approx(a["local"] - a["aggregated"])
-    assert rec["position"] == {}  # a NIAH run has no text examples
+    # NIAH has a bin_size: its prompts are read as a stream (Fig. 5), in both views
+    assert set(rec["position"]) == {"personalised", "memory_off"}
+    pooled = rec["position"]["personalised"]["pooled"]
+    assert pooled["bin_start"][0] == 0 and pooled["relative"][0] == 0.0
+    # FedNL keeps LoRA local, so the global view (initial LoRA) is evaluated on its own and differs
+    g = rec["views"]["global"]["clients"]
+    assert any(g[c]["answer_loglik"] != p[c]["answer_loglik"] for c in p)
 
 
 def test_aggregation_round_reproduces_the_simulator(runs) -> None:
@@ -182,6 +188,25 @@ def test_stream_run_has_position_bins(tmp_path) -> None:
     assert pooled["bin_start"][:2] == [0, 64] and pooled["relative"][0] == 0.0
     assert rec["metric"] == "ce" and rec["aggregation_drop"]["clients"] == {}
     assert "memory_off" in rec["position"]
+    # one pass per view: the overall CE comes from the position pass and equals what the run reported
+    results = json.loads((run / "results.json").read_text())
+    for cid, m in results["clients"].items():
+        v = rec["views"]["personalised"]["clients"][cid]
+        assert v["ce"] == pytest.approx(m["ce"], rel=1e-5) and v["tokens"] == m["tokens"]
+        assert rec["position"]["personalised"]["clients"][cid]["ce_mean"] == v["ce"]
+
+
+def test_global_view_reuses_personalised_when_installs_are_identical(tmp_path, monkeypatch) -> None:
+    """FedAvg-LoRA keeps nothing local: the global view installs the same bytes, so it is not re-evaluated."""
+    from fednl.engine.simulator import Simulator
+
+    run = _run(tmp_path, "fedavg", ["rounds=1", "method='fedavg'"])
+    calls = []
+    original = Simulator._evaluate_one
+    monkeypatch.setattr(Simulator, "_evaluate_one", lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
+    rec = evaluate_run(run, aggregation=False)
+    assert calls == []  # no separate global pass (and no held-out clients here)
+    assert rec["views"]["global"]["clients"] == rec["views"]["personalised"]["clients"]
 
 
 def test_bad_run_dirs(tmp_path) -> None:

@@ -136,6 +136,8 @@ class Niah7Config(_TaskBase):
     long_test_lengths: list[PositiveInt] = Field(default_factory=lambda: [8192, 16384])
     depths: list[float] = Field(default_factory=lambda: [0.10, 0.30, 0.50, 0.70], min_length=4)
     counter_events: int = Field(6, ge=1)
+    bin_size: PositiveInt = 1024
+    """Position bin (tokens) of ``fednl evaluate``'s CE-by-position over the test prompts (paper Fig. 5)."""
     quickstart: bool = False
 
     @model_validator(mode="before")
@@ -144,7 +146,7 @@ class Niah7Config(_TaskBase):
         return _apply_quickstart(
             data,
             {"n_train": 24, "n_test": 8, "n_long_test": 0, "train_lengths": "auto", "test_lengths": "auto",
-             "long_test_lengths": [], "counter_events": 4},
+             "long_test_lengths": [], "counter_events": 4, "bin_size": 64},
         )
 
     @field_validator("templates")

@@ -56,7 +56,8 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int,
                    bin_size: int, batch_size: int) -> dict[str, Any]:
-    """Token-weighted mean CE per position bin over ``text`` examples, and each bin relative to the first.
+    """Token-weighted mean CE per position bin over ``text`` examples, and each bin relative to the first;
+    ``ce_mean`` is the token-weighted mean over all scored tokens (the split's overall CE).
 
     Position ``t`` is the 0-based index of the *predicted* token in the document (the input at ``t - 1``
     predicts it), so the first scored token sits at position 1 of bin 0.
@@ -85,4 +86,5 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
     keep = [i for i, m in enumerate(means) if np.isfinite(m)]
     bins = [float(means[i]) for i in keep]
     return {"bin_size": int(bin_size), "bin_start": [i * bin_size for i in keep], "ce": bins,
-            "relative": relative_to_first(bins), "tokens": int(mask.sum()), "n": len(texts)}
+            "relative": relative_to_first(bins), "tokens": int(mask.sum()), "n": len(texts),
+            "ce_mean": float(values[mask].sum() / max(int(mask.sum()), 1))}

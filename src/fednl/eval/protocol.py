@@ -23,7 +23,8 @@ metrics, ``aggregated - local`` for CE). Nothing is written back: the checkpoint
 
 **NIAH by depth**: mc examples grouped by ``meta["depth"]`` (:mod:`fednl.eval.depth`), per client and pooled.
 **Streaming CE by position**: per-token CE binned by ``task.bin_size`` (:mod:`fednl.eval.position`), each bin
-relative to the first. Both for the personalised view, and for ``memory_off`` on titans models.
+relative to the first: over the documents of a text task, and over the test prompts of a question task that has
+a ``bin_size`` (NIAH-7: the prompt read as a stream, as in the paper's Fig. 5). Both for the personalised view, and for ``memory_off`` on titans models.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from fednl.client.state import ClientState
 from fednl.client.trainer import run_client_round
+from fednl.data.types import Example
 from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
@@ -149,11 +151,35 @@ def _local_round(sim: Simulator, state: RunState, cid: str) -> dict[str, float]:
 
 
 def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
+    """CE by position bin when the task has a ``bin_size``: over text documents, or over the prompts of
+    question examples read as a stream (NIAH: the haystack as the prompt unfolds, paper Fig. 5)."""
     bin_size = sim.spec.config.get("task", {}).get("bin_size")
-    if bin_size is None or not any(e.kind == "text" for e in examples):
+    if bin_size is None or not examples:
         return None
-    return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+    texts = [e if e.kind == "text" else Example(e.uid, "text", e.prompt) for e in examples]
+    return ce_by_position(sim.model, sim.tokenizer, texts, seq_len=int(sim.spec.train.seq_len),
                           bin_size=int(bin_size), batch_size=_bs(sim))
+
+
+def _installed(sim: Simulator, cid: str, state: RunState) -> dict[str, bytes]:
+    """Install client ``cid``'s model from ``state`` and return the exact bytes of every parameter the install
+    writes (its local parameters and the strategy's evaluation parameters), to compare two installs."""
+    sim._install(cid, state.global_params, state)
+    names = set(sim.strategy.local_names()) | set(sim.strategy.eval_params(cid, state.global_params,
+                                                                            state.clients[cid]))
+    live = dict(sim.model.named_parameters())
+    return {n: live[n].detach().cpu().contiguous().numpy().tobytes() for n in sorted(names)}
+
+
+def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[str, Any], dict[str, Any] | None]:
+    """``(metrics, depth table, CE by position)`` of the installed model. A text-only test split is scored once:
+    its overall CE is the token-weighted mean of the per-token CEs that the position bins are made of."""
+    p = _positions(sim, examples)
+    if p is not None and all(e.kind == "text" for e in examples):
+        return {"ce": p["ce_mean"], "tokens": float(p["tokens"]), "n": float(p["n"])}, {}, p
+    metrics, d = evaluate_with_depths(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+                                      batch_size=_bs(sim))
+    return metrics, d, p
 
 
 def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = print) -> dict[str, Any]:
@@ -173,7 +199,6 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
         torch.set_num_threads(int(sim.spec.engine.threads))
     metric = PRIMARY_METRIC.get(sim.task.kind, "accuracy")
     titans = _is_titans(sim)
-    seq_len = int(sim.spec.train.seq_len)
     views: dict[str, dict[str, dict[str, float]]] = {"personalised": {}, "global": {}}
     if titans:
         views["memory_off"] = {}
@@ -182,17 +207,18 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
     tested = [c for c in sim.client_names if sim.data[c].test]
     for cid in tested:
         test = sim.data[cid].test
-        views["global"][cid] = sim._evaluate_one(cid, test, state, ClientState(cid))
-        sim._install(cid, state.global_params, state)
+        fresh = RunState(state.round, state.global_params, state.initial_local, {cid: ClientState(cid)})
+        global_same = _installed(sim, cid, fresh) == _installed(sim, cid, state)  # leaves personalised installed
         for view in (["personalised", "memory_off"] if titans else ["personalised"]):
             with _GateOff(sim.model) if view == "memory_off" else contextlib.nullcontext():
-                views[view][cid], d = evaluate_with_depths(sim.model, sim.tokenizer, test, seq_len=seq_len,
-                                                           batch_size=_bs(sim))
-                p = _positions(sim, test)
+                views[view][cid], d, p = _view(sim, test)
             if d:
                 depth[view][cid] = d
             if p is not None:
                 position[view][cid] = p
+        # the global view needs its own pass only when it installs different values (local parts, FedALA...)
+        views["global"][cid] = (dict(views["personalised"][cid]) if global_same
+                                else sim._evaluate_one(cid, test, state, ClientState(cid)))
     views["heldout"] = sim.evaluate_heldout(state)
 
     agg: dict[str, Any] = {}

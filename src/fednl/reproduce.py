@@ -1,0 +1,220 @@
+"""The CPU-scale reproduction of the paper's experiments as one resumable job queue (``fednl reproduce``).
+
+A *plan* is a list of :class:`Job` s: one ``fednl run`` of a packaged preset with a method (or ablation variant)
+and a seed, followed by ``fednl evaluate`` on its output. Jobs run as subprocesses, ``jobs`` at a time, each with
+``engine.threads`` intra-op threads (1 thread x 2 jobs uses 2 cores better than 2 threads x 1 job on the small
+shapes of the ``-cpu`` presets). A job whose ``results.json`` / ``eval.json`` already exist is skipped, so an
+interrupted reproduction continues where it stopped. When every job has finished, the across-seed tables of each
+experiment are written as Markdown (``tables.md``, the tables of ``docs/RESULTS.md``) and as one ``report.html``
+per experiment.
+
+Plans (``PLANS``):
+
+* ``cpu`` — ``paper-mmlu5-cpu`` and ``paper-niah7-cpu`` for FedNL and each paper baseline, and
+  ``paper-pg19-ablation-cpu`` for the four Fig. 6 variants plus FedAvg-LoRA (the streaming-trend comparison).
+  Aggregation drop (Fig. 3) is measured on MMLU only, where the paper reports it.
+* ``smoke`` — the same structure on the tiny random model (seconds; used by the tests).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAPER_BASELINES = ("fednl", "fedavg", "fedprox", "fedssi", "fedala", "ffa_lora")
+
+# Fig. 6 variants: label -> extra --set overrides on the FedNL ablation preset.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "hebbian": ("memory.rule=hebbian",),
+    "fixed-gate": ("memory.gate=fixed",),
+    "lora-frozen": ("lora.trainable=false",),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    experiment: str           # table this job belongs to (e.g. "mmlu5")
+    name: str                 # run directory name inside the experiment (e.g. "fednl-s0")
+    preset: str
+    sets: tuple[str, ...]     # --set overrides (method, seed, threads, variant)
+    aggregation_drop: bool = False
+
+    def run_dir(self, root: Path) -> Path:
+        return root / self.experiment / self.name
+
+
+@dataclass
+class Plan:
+    name: str
+    jobs: list[Job] = field(default_factory=list)
+    titles: dict[str, str] = field(default_factory=dict)   # experiment -> section title
+
+
+def _jobs_for(experiment: str, preset: str, variants: dict[str, tuple[str, ...]], seeds: Sequence[int],
+              threads: int, *, aggregation_drop: bool, extra: tuple[str, ...] = ()) -> list[Job]:
+    """Seed-major order, so that a reproduction stopped early still has whole seeds for every variant."""
+    return [Job(experiment, f"{label}-s{seed}", preset,
+                (*extra, *sets, f"seed={seed}", f"engine.threads={threads}"), aggregation_drop)
+            for seed in seeds for label, sets in variants.items()]
+
+
+def build_plan(name: str, seeds: Sequence[int], threads: int = 1) -> Plan:
+    """The named plan (``cpu`` or ``smoke``) for ``seeds``; raises ``ValueError`` for an unknown name."""
+    if name not in PLANS:
+        raise ValueError(f"unknown plan {name!r}; known plans: {', '.join(sorted(PLANS))}")
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    return PLANS[name](list(seeds), threads)
+
+
+def _cpu_plan(seeds: list[int], threads: int) -> Plan:
+    methods = {m: (f"method={m}",) for m in PAPER_BASELINES}   # fednl's default scope is "rules"
+    stream = {**ABLATIONS, "fedavg": ("method=fedavg",)}
+    plan = Plan("cpu")
+    plan.jobs += _jobs_for("stream", "paper-pg19-ablation-cpu", stream, seeds, threads, aggregation_drop=False)
+    plan.jobs += _jobs_for("niah7", "paper-niah7-cpu", methods, seeds, threads, aggregation_drop=False)
+    plan.jobs += _jobs_for("mmlu5", "paper-mmlu5-cpu", methods, seeds, threads, aggregation_drop=True)
+    plan.titles = {"stream": "Streaming text (paper-pg19-ablation-cpu): Fig. 6 ablation and FedNL vs FedAvg-LoRA",
+                   "niah7": "NIAH-7 (paper-niah7-cpu): Table 2, Fig. 4",
+                   "mmlu5": "MMLU-5 (paper-mmlu5-cpu): Table 1, Fig. 3"}
+    return _seed_major(plan, seeds)
+
+
+def _smoke_plan(seeds: list[int], threads: int) -> Plan:
+    stream_task = ("task={name='stream', quickstart=true, max_train=2, max_test=1}", "train.seq_len=256",
+                   "rounds=1")
+    plan = Plan("smoke")
+    plan.jobs += _jobs_for("stream", "tiny", {"full": (), "fedavg": ("method=fedavg",)}, seeds, threads,
+                           aggregation_drop=False, extra=stream_task)
+    plan.jobs += _jobs_for("niah7", "tiny", {"fednl": (), "fedavg": ("method=fedavg",)}, seeds, threads,
+                           aggregation_drop=True, extra=("rounds=1",))
+    plan.titles = {"stream": "Streaming text (tiny model)", "niah7": "NIAH (tiny model)"}
+    return _seed_major(plan, seeds)
+
+
+def _seed_major(plan: Plan, seeds: list[int]) -> Plan:
+    """Order jobs seed by seed across experiments, so a reproduction stopped early has whole seeds everywhere."""
+    plan.jobs.sort(key=lambda j: seeds.index(int(j.name.rsplit("-s", 1)[1])))   # stable: keeps plan order
+    return plan
+
+
+PLANS: dict[str, Callable[[list[int], int], Plan]] = {"cpu": _cpu_plan, "smoke": _smoke_plan}
+
+
+def fednl_command() -> list[str]:
+    """The ``fednl`` console entry point of this interpreter (works without the script on PATH)."""
+    return [sys.executable, "-c", "from fednl.cli import main; main()"]
+
+
+def job_commands(job: Job, root: Path) -> list[list[str]]:
+    """The commands a job still needs (none when both results.json and eval.json exist)."""
+    out = job.run_dir(root)
+    cmds = []
+    if not (out / "results.json").is_file():
+        run = [*fednl_command(), "run", job.preset, "--out", str(out), "--overwrite"]
+        for s in job.sets:
+            run += ["--set", s]
+        cmds.append(run)
+    if not (out / "eval.json").is_file():
+        cmds.append([*fednl_command(), "evaluate", str(out),
+                     *([] if job.aggregation_drop else ["--no-aggregation-drop"])])
+    return cmds
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+    """A command as the user would type it (``fednl ...``), quoted for a POSIX shell."""
+    import shlex
+
+    args = list(cmd[len(fednl_command()):]) if list(cmd[:3]) == fednl_command() else list(cmd)
+    return "fednl " + " ".join(shlex.quote(a) for a in args)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def _run_job(job: Job, root: Path) -> float:
+    out = job.run_dir(root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{job.name}.log"
+    t0 = time.perf_counter()
+    for cmd in job_commands(job, root):
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"$ {shell_line(cmd)}\n")
+            fh.flush()
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+        if rc != 0:
+            raise JobFailed(f"{job.experiment}/{job.name}: `{shell_line(cmd)}` exited with {rc}; see {log}")
+    return time.perf_counter() - t0
+
+
+def run_plan(plan: Plan, root: str | Path, *, jobs: int = 2, log: Callable[[str], None] = print) -> list[str]:
+    """Run every unfinished job of ``plan`` under ``root``; returns the failures (one line each)."""
+    root = Path(root)
+    todo = [j for j in plan.jobs if job_commands(j, root)]
+    log(f"== reproduce {plan.name}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} already done, "
+        f"{jobs} at a time | out {root}")
+    failures: list[str] = []
+    done = 0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(_run_job, j, root): j for j in todo}
+        for fut in as_completed(futures):
+            job = futures[fut]
+            done += 1
+            try:
+                secs = fut.result()
+                log(f"[{done:3d}/{len(todo)}] {job.experiment}/{job.name} done in {secs:.0f} s "
+                    f"(elapsed {time.perf_counter() - t0:.0f} s)")
+            except JobFailed as exc:
+                failures.append(str(exc))
+                log(f"[{done:3d}/{len(todo)}] FAILED {exc}")
+    return failures
+
+
+def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) -> Path:
+    """Across-seed Markdown tables of every experiment with finished runs (``root/tables.md`` by default), and a
+    ``report.html`` per experiment. Experiments without finished runs are listed as not run."""
+    from fednl.engine.atomic import atomic_write_text
+    from fednl.report import load_run_dir, write_report
+    from fednl.report.seeds import markdown_table, seed_groups
+
+    root = Path(root)
+    out = Path(out) if out is not None else root / "tables.md"
+    parts = [f"<!-- written by `fednl reproduce {plan.name}`; do not edit by hand -->\n"]
+    for experiment, title in plan.titles.items():
+        jobs = [j for j in plan.jobs if j.experiment == experiment]
+        finished = [j.run_dir(root) for j in jobs if (j.run_dir(root) / "results.json").is_file()]
+        parts.append(f"### {title}\n")
+        if not finished:
+            parts.append("Not run.\n")
+            continue
+        runs = [load_run_dir(d) for d in finished]
+        parts.append(markdown_table(seed_groups(runs)))
+        missing = len(jobs) - len(finished)
+        if missing:
+            parts.append(f"\n{missing} of {len(jobs)} runs of this experiment have not finished.\n")
+        report = write_report(finished, root / experiment / "report.html", title=title)
+        parts.append(f"\nReport: `{report.relative_to(root)}`. Commands (one per run, then `fednl evaluate`):\n")
+        parts.append("\n```\n" + "\n".join(shell_line(c) for c in _all_commands(jobs, root)) + "\n```\n")
+    atomic_write_text(out, "\n".join(parts))
+    return out
+
+
+def _all_commands(jobs: Sequence[Job], root: Path) -> list[list[str]]:
+    """Every job's full command list as if nothing had run yet (for the documentation)."""
+    lines = []
+    for j in jobs:
+        run = [*fednl_command(), "run", j.preset, "--out", str(j.run_dir(root))]
+        for s in j.sets:
+            run += ["--set", s]
+        lines.append(run)
+        lines.append([*fednl_command(), "evaluate", str(j.run_dir(root)),
+                      *([] if j.aggregation_drop else ["--no-aggregation-drop"])])
+    return lines
