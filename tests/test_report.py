@@ -50,12 +50,9 @@ def _panel(page: str, key: str) -> str:
 def test_every_panel_with_full_data(runs, tmp_path) -> None:
     path = write_report([runs["fednl"], runs["fedavg"]], tmp_path / "report.html", memory_bench=runs["bench"])
     page = path.read_text()
-    for key in ("per-client", "depth", "position", "memory", "bytes"):
-        block = _panel(page, key)
-        if key == "position":  # NIAH runs have no streaming text: said explicitly, never a fake plot
-            assert "Not available" in block and "<img" not in block
-        else:
-            assert IMG.search(block), key
+    for key in ("per-client", "depth", "position", "memory", "bytes"):  # NIAH: CE over the prompt stream
+        assert IMG.search(_panel(page, key)), key
+        assert "Not available" not in _panel(page, key), key
     assert "fednl (fednl" in page and "fedavg (fedavg" in page
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic write
 

@@ -56,35 +56,58 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int,
                    bin_size: int, batch_size: int) -> dict[str, Any]:
-    """Token-weighted mean CE per position bin over ``text`` examples, and each bin relative to the first;
-    ``ce_mean`` is the token-weighted mean over all scored tokens (the split's overall CE).
+    """Token-weighted mean CE per position bin, and each bin relative to the first; ``ce_mean`` is the
+    token-weighted mean over all scored tokens (a text split's overall CE).
+
+    ``text`` examples are scored on every token. Question examples (``mc``, ``qa``) are scored on their prompt
+    tokens only — the prompt read as a stream (NIAH, paper Fig. 5) — and ``mc`` examples are also answered in
+    the same forward pass: ``mc`` holds one ``{"correct", "answer_loglik", "depth"}`` per ``mc`` example, in
+    order, computed as :func:`fednl.eval.metrics.eval_mc` does.
 
     Position ``t`` is the 0-based index of the *predicted* token in the document (the input at ``t - 1``
     predicts it), so the first scored token sits at position 1 of bin 0.
     """
-    texts = [e for e in examples if e.kind == "text"]
-    if not texts:
-        raise ValueError("ce_by_position: no 'text' examples")
+    if not examples:
+        raise ValueError("ce_by_position: no examples")
     was_training = model.training
     model.eval()
     device = model_device(model)
-    enc = [encode_cached(e, tokenizer, seq_len) for e in texts]
+    enc = [encode_cached(e, tokenizer, seq_len) for e in examples]
     width = max(len(e.ids) for e in enc)
     values = np.zeros((len(enc), width), dtype=np.float64)
     mask = np.zeros((len(enc), width), dtype=bool)
+    mc: list[dict[str, Any]] = []
     for start in range(0, len(enc), batch_size):
         chunk = enc[start:start + batch_size]
         batch = collate(chunk, int(tokenizer.eos_id)).to(device)
-        ce = token_ce(model_logits(model, batch.input_ids), batch.targets).cpu().numpy()
-        scored = (batch.targets != IGNORE).cpu().numpy()
+        targets = batch.targets.clone()
+        for b, (e, ex) in enumerate(zip(chunk, examples[start:start + batch_size])):
+            if ex.kind != "text":  # the prompt's own tokens: input t predicts ids[t + 1], t + 1 < n_prompt
+                targets[b] = IGNORE
+                targets[b, : e.n_prompt - 1] = torch.tensor(e.ids[1:e.n_prompt], device=device)
+        logits = model_logits(model, batch.input_ids)
+        ce = token_ce(logits, targets).cpu().numpy()
+        scored = (targets != IGNORE).cpu().numpy()
         T = ce.shape[1]
         # input position t predicts token position t + 1
         values[start:start + len(chunk), 1:T + 1] = ce[:, : width - 1]
         mask[start:start + len(chunk), 1:T + 1] = scored[:, : width - 1]
+        for b, (e, ex) in enumerate(zip(chunk, examples[start:start + batch_size])):
+            if ex.kind == "mc":
+                last = logits[b, int(batch.last_prompt[b])].float()
+                scores = last[torch.tensor(e.choice_ids, device=device)]
+                mc.append({"correct": int(int(scores.argmax()) == e.gold),
+                           "answer_loglik": float(torch.log_softmax(last, dim=-1)[e.choice_ids[e.gold]]),
+                           "depth": ex.meta.get("depth") if isinstance(ex.meta, dict) else None})
     model.train(was_training)
+    if not mask.any():
+        raise ValueError("ce_by_position: no scored token (every prompt is a single token)")
     means = bin_means(values, bin_size, mask)
     keep = [i for i, m in enumerate(means) if np.isfinite(m)]
     bins = [float(means[i]) for i in keep]
-    return {"bin_size": int(bin_size), "bin_start": [i * bin_size for i in keep], "ce": bins,
-            "relative": relative_to_first(bins), "tokens": int(mask.sum()), "n": len(texts),
-            "ce_mean": float(values[mask].sum() / max(int(mask.sum()), 1))}
+    out = {"bin_size": int(bin_size), "bin_start": [i * bin_size for i in keep], "ce": bins,
+           "relative": relative_to_first(bins), "tokens": int(mask.sum()), "n": len(examples),
+           "ce_mean": float(values[mask].sum() / int(mask.sum()))}
+    if mc:
+        out["mc"] = mc
+    return out

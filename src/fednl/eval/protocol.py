@@ -39,12 +39,11 @@ import torch
 
 from fednl.client.state import ClientState
 from fednl.client.trainer import run_client_round
-from fednl.data.types import Example
 from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator, derive_seed
-from fednl.eval.depth import evaluate_with_depths, merge_depths
+from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths
 from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, evaluate_examples
 from fednl.eval.position import ce_by_position
 
@@ -156,8 +155,7 @@ def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
     bin_size = sim.spec.config.get("task", {}).get("bin_size")
     if bin_size is None or not examples:
         return None
-    texts = [e if e.kind == "text" else Example(e.uid, "text", e.prompt) for e in examples]
-    return ce_by_position(sim.model, sim.tokenizer, texts, seq_len=int(sim.spec.train.seq_len),
+    return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
                           bin_size=int(bin_size), batch_size=_bs(sim))
 
 
@@ -177,6 +175,20 @@ def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[s
     p = _positions(sim, examples)
     if p is not None and all(e.kind == "text" for e in examples):
         return {"ce": p["ce_mean"], "tokens": float(p["tokens"]), "n": float(p["n"])}, {}, p
+    if p is not None and all(e.kind == "mc" for e in examples):  # answered in the position pass
+        scored = p.pop("mc")
+        n = len(scored)
+        metrics = {"accuracy": sum(r["correct"] for r in scored) / n,
+                   "answer_loglik": sum(r["answer_loglik"] for r in scored) / n, "n": float(n)}
+        table: dict[str, dict[str, float]] = {}
+        for r in scored:
+            if r["depth"] is not None:
+                cell = table.setdefault(depth_key(r["depth"]), {"accuracy": 0.0, "n": 0.0})
+                cell["accuracy"] += r["correct"]
+                cell["n"] += 1.0
+        for cell in table.values():
+            cell["accuracy"] /= cell["n"]
+        return metrics, dict(sorted(table.items(), key=lambda kv: float(kv[0]))), p
     metrics, d = evaluate_with_depths(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
                                       batch_size=_bs(sim))
     return metrics, d, p
