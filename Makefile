@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo report reproduce-cpu test bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,23 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/fednl run quickstart --out runs/quickstart --overwrite
+	@echo "next: make report  (evaluation views, inference-memory bench and runs/quickstart/report.html)"
+
+# The quickstart's report with every panel: evaluation views (NIAH depth, CE over the prompt stream), a short
+# inference-memory benchmark, then the self-contained HTML page. Needs `make demo` first.
+QS := runs/quickstart
+report: $(STAMP)
+	@test -f $(QS)/fednl/results.json -a -f $(QS)/fedavg/results.json || { echo "run 'make demo' first"; exit 2; }
+	$(BIN)/fednl evaluate $(QS)/fednl --no-aggregation-drop
+	$(BIN)/fednl evaluate $(QS)/fedavg --no-aggregation-drop
+	$(BIN)/fednl bench inference-memory --lengths 1024,2048,4096 --baseline-max 4096 --window 256 --threads 2 \
+		--out $(QS)/memory.json
+	$(BIN)/fednl report $(QS)/fednl $(QS)/fedavg --memory-bench $(QS)/memory.json --title "fednl quickstart" \
+		--out $(QS)/report.html
+
+# The CPU-scale reproduction of the paper's experiments (docs/RESULTS.md): resumable, about 2 hours on 2 cores.
+reproduce-cpu: $(STAMP)
+	$(BIN)/fednl reproduce cpu --out runs/reproduce-cpu --seeds 0,1,2 --jobs 2 --threads 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

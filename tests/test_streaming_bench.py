@@ -41,3 +41,30 @@ def test_worker_runs_in_a_fresh_process():
     rec = bench._spawn("converted", 48, window=16, chunk=16, threads=1, timeout=600)
     assert rec["model"] == "converted" and rec["tokens"] == 48 and rec["peak_rss_mb"] > 100
     assert 0.0 < rec["ce"] < 20.0 and rec["state_mb"] > 0
+
+
+def test_cli_rejects_bad_lengths():
+    from typer.testing import CliRunner
+
+    from fednl.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "inference-memory", "--lengths", "1024,x"])
+    assert res.exit_code == 2 and "--lengths: expected comma-separated integers" in res.output
+    res = CliRunner().invoke(app, ["bench", "inference-memory", "--lengths", "1"])
+    assert res.exit_code == 2 and "lengths must be integers >= 2" in res.output
+
+
+def test_cli_writes_the_json_file(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fednl.cli import app
+
+    rec = {"model": "converted", "tokens": 64, "peak_rss_mb": 1.0}
+    monkeypatch.setattr(bench, "run", lambda **kw: [dict(rec, lengths=kw["lengths"], window=kw["window"])])
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(app, ["bench", "inference-memory", "--lengths", "64,128", "--window", "8", "--out",
+                                   str(out)])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(out.read_text()) == [dict(rec, lengths=[64, 128], window=8)]

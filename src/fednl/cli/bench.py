@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 bench_app = typer.Typer(help="Benchmarks that print figures (JSON with --json).", no_args_is_help=True)
@@ -21,11 +23,29 @@ def bench_memory(
 @bench_app.command("inference-memory")
 def bench_inference_memory(
     json_out: bool = typer.Option(False, "--json", help="print one JSON list instead of a table"),
+    lengths: str = typer.Option("1024,4096,16384,65536", help="comma-separated context lengths (tokens)"),
+    baseline_max: int = typer.Option(16384, min=2, help="longest length run for the full-KV-cache baseline"),
+    window: int = typer.Option(512, min=1, help="softmax window of the converted model (tokens)"),
+    threads: int = typer.Option(1, min=1, help="torch threads per measurement"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="also write the JSON list to this file (for "
+                                    "`fednl report --memory-bench`)"),
 ) -> None:
     """Peak RSS of streaming SmolLM2-135M (converted, windowed) vs the baseline with a full KV cache."""
     from fednl.bench.inference_memory import run
+    from fednl.cli.errors import user_errors
 
-    run(json_out=json_out)
+    with user_errors():
+        try:
+            parsed = [int(x) for x in lengths.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lengths: expected comma-separated integers, got {lengths!r}") from None
+        records = run(json_out=json_out, lengths=parsed, baseline_max=baseline_max, window=window,
+                      threads=threads)
+        if out is not None:
+            from fednl.engine.atomic import atomic_write_json
+
+            atomic_write_json(out, records)
+            typer.echo(f"wrote {out}", err=True)
 
 
 def register(app: typer.Typer) -> None:

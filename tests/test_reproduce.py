@@ -1,0 +1,114 @@
+"""`fednl reproduce`: the plan's shape, every job's config validates, and the smoke plan end to end (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fednl.cli import app
+from fednl.config import load_config
+from fednl.reproduce import ABLATIONS, PAPER_BASELINES, build_plan, job_commands, shell_line, write_tables
+
+
+def test_cpu_plan_covers_every_method_and_seed() -> None:
+    plan = build_plan("cpu", [0, 1, 2])
+    names = {(j.experiment, j.name) for j in plan.jobs}
+    assert len(names) == len(plan.jobs) == 3 * (2 * len(PAPER_BASELINES) + len(ABLATIONS) + 1)
+    for seed in (0, 1, 2):
+        for exp in ("mmlu5", "niah7"):
+            assert {(exp, f"{m}-s{seed}") for m in PAPER_BASELINES} <= names
+        assert {("stream", f"{v}-s{seed}") for v in [*ABLATIONS, "fedavg"]} <= names
+    # seed-major: all of seed 0 before any of seed 1
+    seeds = [int(j.name.rsplit("-s", 1)[1]) for j in plan.jobs]
+    assert seeds == sorted(seeds)
+    # the aggregation drop (Fig. 3) is measured where the paper reports it
+    assert {j.experiment for j in plan.jobs if j.aggregation_drop} == {"mmlu5"}
+
+
+def test_every_cpu_job_config_validates() -> None:
+    """Each job's preset + overrides loads as exactly one run with the intended method, seed and variant."""
+    for job in build_plan("cpu", [7]).jobs:
+        cfg = load_config(job.preset, list(job.sets))
+        assert cfg.seed == 7 and cfg.engine.threads == 1
+        label = job.name.rsplit("-s", 1)[0]
+        if job.experiment == "stream":
+            assert cfg.method.name == ("fedavg" if label == "fedavg" else "fednl")
+            if label == "hebbian":
+                assert cfg.memory.rule == "hebbian"
+            if label == "fixed-gate":
+                assert cfg.memory.gate == "fixed"
+            if label == "lora-frozen":
+                assert cfg.lora.trainable is False
+        else:
+            assert cfg.method.name == label
+            if label == "fednl":
+                assert cfg.method.options.scope == "rules"
+
+
+def test_bad_plan_and_seeds() -> None:
+    with pytest.raises(ValueError, match="unknown plan 'nope'; known plans: cpu, smoke"):
+        build_plan("nope", [0])
+    with pytest.raises(ValueError, match="at least one seed"):
+        build_plan("cpu", [])
+    res = CliRunner().invoke(app, ["reproduce", "cpu", "--seeds", "0,x", "--dry-run"])
+    assert res.exit_code == 2 and "comma-separated integers" in res.output
+
+
+def test_dry_run_prints_user_commands(tmp_path) -> None:
+    res = CliRunner().invoke(app, ["reproduce", "cpu", "--seeds", "0", "--out", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 2 * len(build_plan("cpu", [0]).jobs)  # run + evaluate per job
+    assert lines[0].startswith("fednl run paper-pg19-ablation-cpu --out ") and "--set seed=0" in lines[0]
+    assert any("--set method=ffa_lora" in x for x in lines)
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_smoke_plan_end_to_end_and_resume(tmp_path) -> None:
+    out = tmp_path / "repro"
+    res = CliRunner().invoke(app, ["reproduce", "smoke", "--seeds", "0", "--out", str(out), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "4 jobs, 0 already done" in res.output
+    plan = build_plan("smoke", [0])
+    for job in plan.jobs:
+        run = job.run_dir(out)
+        assert (run / "results.json").is_file() and (run / "eval.json").is_file()
+        assert job_commands(job, out) == []
+        assert json.loads((run / "eval.json").read_text())["seed"] == 0
+    drop = json.loads((out / "niah7" / "fednl-s0" / "eval.json").read_text())["aggregation_drop"]
+    assert drop["clients"]  # the smoke plan's NIAH jobs measure it
+    tables = (out / "tables.md").read_text()
+    assert "### Streaming text (tiny model)" in tables and "### NIAH (tiny model)" in tables
+    assert tables.count("| fednl |") == 2 and tables.count("| fedavg |") == 2
+    assert (out / "stream" / "report.html").is_file() and (out / "niah7" / "report.html").is_file()
+    # a second call finds everything done and only rewrites the tables
+    res = CliRunner().invoke(app, ["reproduce", "smoke", "--seeds", "0", "--out", str(out)])
+    assert res.exit_code == 0 and "4 already done" in res.output
+
+
+def test_failed_job_is_reported_and_exit_is_nonzero(tmp_path, monkeypatch) -> None:
+    import fednl.reproduce as rep
+
+    plan = build_plan("smoke", [0])
+    broken = [rep.Job(j.experiment, j.name, "no-such-preset", j.sets) for j in plan.jobs[:1]]
+    monkeypatch.setitem(rep.PLANS, "smoke", lambda seeds, threads: rep.Plan("smoke", broken, plan.titles))
+    res = CliRunner().invoke(app, ["reproduce", "smoke", "--seeds", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "1 job(s) failed" in res.output and "exited with 2" in res.output
+    log = (tmp_path / broken[0].experiment / f"{broken[0].name}.log").read_text()
+    assert "no-such-preset" in log
+    assert "Not run." in (tmp_path / "tables.md").read_text()
+
+
+def test_tables_list_unfinished_experiments(tmp_path) -> None:
+    path = write_tables(build_plan("smoke", [0]), tmp_path)
+    assert path.read_text().count("Not run.") == 2
+
+
+def test_shell_line_quotes() -> None:
+    from fednl.reproduce import fednl_command
+
+    assert shell_line([*fednl_command(), "run", "x", "--set", "task={name='stream'}"]) == \
+        "fednl run x --set 'task={name='\"'\"'stream'\"'\"'}'"
