@@ -14,7 +14,9 @@ from fednl.config import TrainConfig
 from fednl.data.types import Example
 from fednl.strategies.base import Payload
 from fednl.strategies.fednl import FedNL
-from test_engine_toy import ToyMemoryLM, mc_example, one_thread, tokenizer  # noqa: F401 (autouse fixture)
+from test_engine_toy import ToyMemoryLM, mc_example, tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOK = tokenizer()
 

@@ -11,11 +11,13 @@ import torch
 from fednl.client.state import ClientState
 from fednl.config import EngineConfig, TrainConfig
 from fednl.data.types import ClientData, FederatedTask
-from fednl.engine.simulator import RunSpec, Simulator, derive_seed
+from fednl.engine.simulator import RunSpec, Simulator, derive_seed, model_fingerprint
 from fednl.eval.metrics import evaluate_examples
 from fednl.strategies.fedavg import FedAvg
 from fednl.strategies.fednl import FedNL
-from test_engine_toy import ToyMemoryLM, mc_example, one_thread, tokenizer, toy_task  # noqa: F401 (autouse fixture)
+from test_engine_toy import ToyMemoryLM, mc_example, tokenizer, toy_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RULE_NUMEL, GATE_NUMEL, LORA_NUMEL = 16 * 16 + 1, 1, 2 * 16 + 16 * 2
 
@@ -128,3 +130,54 @@ def test_client_state_sizes_are_reported(tmp_path) -> None:
     sizes = {c: s.nbytes() for c, s in sim.state.clients.items()}
     assert sizes == {c: LORA_NUMEL * 4 for c in sim.client_names}
     assert isinstance(sim.state.clients["client0"], ClientState)
+
+
+def test_train_client_matches_the_round_loop(tmp_path) -> None:
+    """The public per-client step reproduces round 1 of a run, in any client order and whatever the global RNG."""
+    from fednl.engine import wire
+
+    ran = make(tmp_path / "a", rounds=1)
+    ran.run()
+    sim = make(tmp_path / "b", rounds=1)
+    glob = sim._fresh.global_params
+    for cid in reversed(sim.client_names):
+        torch.manual_seed(1234)  # the step forks and seeds the global RNG itself
+        client = ClientState(cid)
+        down = wire.decode(wire.encode(sim.strategy.configure_train(1, cid, glob), "fp32"))
+        reply = sim.train_client(1, cid, down, client, initial_local=sim.initial_local)
+        assert reply.num_examples == len(sim.data[cid].train)
+        mine, theirs = client.local_params(), ran.state.clients[cid].local_params()
+        assert mine and set(mine) == set(theirs)
+        assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert sim.client_seeds(1, "client0") == (derive_seed(5, "client", 1, "client0"),
+                                              derive_seed(5, "torch", 1, "client0"))
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7)
+        self.b = torch.nn.Parameter(torch.tensor([0.5, -1.25], dtype=torch.bfloat16))
+        self.h = torch.nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float16).reshape(1, 2, 2))
+        self.e = torch.nn.Parameter(torch.zeros(0, 3))
+
+
+def test_model_fingerprint_is_unchanged_for_existing_models() -> None:
+    # Regression guard: this value was computed with the fingerprint code from before the 0-dim fix
+    # (``t.view(torch.uint8)`` without ``reshape(-1)``). Checkpoints store the fingerprint and resume compares
+    # it, so it must not change for any model whose parameters all have ndim >= 1.
+    assert model_fingerprint(_Fixed()) == "f29a34e3438db9ab9e7b055671afdb5b342421c42217b39f8999709f3189502d"
+
+
+def test_model_fingerprint_handles_0_dim_parameters() -> None:
+    def scalar(v: float) -> torch.nn.Module:
+        m = _Fixed()
+        m.s = torch.nn.Parameter(torch.tensor(v))
+        return m
+
+    a = model_fingerprint(scalar(1.5))
+    assert a == model_fingerprint(scalar(1.5)) and len(a) == 64
+    assert a != model_fingerprint(scalar(-1.5)) and a != model_fingerprint(_Fixed())
+    one = _Fixed()
+    one.s = torch.nn.Parameter(torch.tensor([1.5]))  # same bytes, different shape
+    assert a != model_fingerprint(one)

@@ -15,6 +15,8 @@ from fednl.data.types import ClientData, Example, FederatedTask
 from fednl.memory.reference import recurrent_reference
 from fednl.models.tokenizer import ByteTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class ToyMemoryLM(nn.Module):
     def __init__(self, vocab: int = 257, d: int = 16, r: int = 2, seed: int = 0):
@@ -79,12 +81,3 @@ def test_toy_model_gradient_flows_through_memory_into_rule() -> None:
     m(ids).sum().backward()
     assert m.rule_k.grad is not None and m.rule_k.grad.abs().sum() > 0
     assert m.rule_beta.grad is not None and m.rule_beta.grad.abs().sum() > 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy tensors: a single intra-op thread is fastest and immune to CPU oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

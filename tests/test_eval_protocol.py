@@ -202,8 +202,9 @@ def test_global_view_reuses_personalised_when_installs_are_identical(tmp_path, m
 
     run = _run(tmp_path, "fedavg", ["rounds=1", "method='fedavg'"])
     calls = []
-    original = Simulator._evaluate_one
-    monkeypatch.setattr(Simulator, "_evaluate_one", lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
+    original = Simulator.evaluate_client
+    monkeypatch.setattr(Simulator, "evaluate_client",
+                        lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
     rec = evaluate_run(run, aggregation=False)
     assert calls == []  # no separate global pass (and no held-out clients here)
     assert rec["views"]["global"]["clients"] == rec["views"]["personalised"]["clients"]

@@ -10,7 +10,9 @@ from fednl.engine.ledger import Ledger, group_index, strategy_round_bytes
 from fednl.strategies.base import Payload
 from fednl.strategies.fedavg import FedAvg
 from fednl.strategies.fednl import FedNL
-from test_engine_toy import ToyMemoryLM, one_thread  # noqa: F401 (autouse fixture)
+from test_engine_toy import ToyMemoryLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_wire_casts_both_ways_and_counts_itemsize() -> None:

@@ -13,14 +13,7 @@ from torch import nn
 from fednl.models import LoRALinear, LoraConfig, ModelConfig, inject_lora, load_backbone, lora_modules
 from fednl.models.config import LLAMA_LINEARS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(i=12, o=7, bias=True, seed=0) -> nn.Linear:

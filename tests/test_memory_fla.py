@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from fednl.memory import assert_close, delta_rule, fla_available, recurrent_reference
 from fednl.memory.fla_backend import ENV_VAR, decide_use_fla, env_use_fla, fla_delta_rule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP wake-up stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BF16 = torch.bfloat16

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from fednl.memory import assert_close, delta_rule, hebbian, memory_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP wake-up stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F64 = torch.float64

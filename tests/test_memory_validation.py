@@ -7,14 +7,7 @@ import torch
 
 from fednl.memory import assert_close, delta_rule, hebbian, rel_rms_error
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP wake-up stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, T, H, D = 2, 5, 3, 4

@@ -7,14 +7,7 @@ import torch
 
 from fednl.models.attention import apply_rope, attention_reference, band_mask, rotate_half, softmax_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(B=2, H=4, Hkv=2, T=11, D=8, seed=0):

@@ -14,14 +14,7 @@ from fednl.models import ByteTokenizer, HFTokenizer, ModelConfig, load_backbone,
 from fednl.models import loading
 from fednl.models.loading import build_tiny, cache_dir, find_smollm2_gguf
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -25,14 +25,7 @@ from fednl.models import (
 )
 from fednl.models.build import _KINDS, register_model_kind
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ModelConfig()  # vocab 257, hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128

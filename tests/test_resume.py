@@ -13,7 +13,9 @@ from fednl.engine.runstate import load_checkpoint
 from fednl.engine.simulator import RunSpec, Simulator
 from fednl.strategies.fedavg import FedAvg
 from fednl.strategies.fednl import FedNL
-from test_engine_toy import ToyMemoryLM, one_thread, tokenizer, toy_task  # noqa: F401 (autouse fixture)
+from test_engine_toy import ToyMemoryLM, tokenizer, toy_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOLATILE = {"s_round", "peak_mem_mb"}
 

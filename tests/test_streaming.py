@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from fednl.models import LoraConfig, MemoryConfig, ModelConfig, StreamingLM, build_model, load_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster than two contending ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY64 = ModelConfig(dtype="float64")

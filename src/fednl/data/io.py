@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from fednl.data.types import FederatedTask, canonical_json
+from fednl.engine.atomic import atomic_open
 
 
 class DataFileError(ValueError):
@@ -26,24 +26,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_lines(path: str | Path, chunks: Iterable[str]) -> Path:
-    """Write the concatenated ``chunks`` to ``path`` atomically (temp file in the same folder, then replace)."""
+    """Write the concatenated ``chunks`` to ``path`` as UTF-8, streamed and atomically
+    (:func:`fednl.engine.atomic.atomic_open`: temp file in the same folder, fsync, then replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, mode=0o666 & ~umask) as f:  # mkstemp creates 0600; give the file the usual permissions
+        for chunk in chunks:
+            f.write(chunk.encode("utf-8"))  # newlines written as they are, like text mode with newline="\n"
     return path
 
 

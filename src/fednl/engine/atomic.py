@@ -9,18 +9,25 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically and return its sha256 hex digest."""
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content into: a temporary file in the same directory (created by
+    ``mkstemp``, so 0600 unless ``mode`` sets its permission bits). When the block ends normally the file is
+    flushed, fsynced and moved onto ``path`` with ``os.replace``; when it raises, the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -28,6 +35,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically and return its sha256 hex digest."""
+    with atomic_open(path) as fh:
+        fh.write(data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -4,11 +4,12 @@ The node builds the very same :class:`~fednl.engine.simulator.Simulator` that ``
 (:func:`fednl.engine.experiment.build_simulator`, from the resolved config the message carries; cached per
 process) and runs one client through it:
 
-* :func:`train_client` — the body of the simulator's per-client loop: the server-chosen seeds (a torch
-  generator for shuffling, and a forked, seeded global torch RNG), :func:`fednl.client.run_client_round` on the
-  wire-decoded payload, and the reply wire-encoded in the run's wire dtype;
-* :func:`evaluate_client` — the simulator's per-client evaluation (``_evaluate_one``) with the strategy's server
-  state installed first, so personalising strategies (``eval_params``) see what the server knows.
+* :func:`train_client` — :meth:`Simulator.train_client <fednl.engine.simulator.Simulator.train_client>` (the
+  body of the simulator's per-client loop) with the server-chosen seeds (a torch generator for shuffling, and a
+  forked, seeded global torch RNG) on the wire-decoded payload, and the reply wire-encoded in the run's wire dtype;
+* :func:`evaluate_client` — :meth:`Simulator.evaluate_client <fednl.engine.simulator.Simulator.evaluate_client>`
+  with the strategy's server state installed first, so personalising strategies (``eval_params``) see what the
+  server knows.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fednl.client.state import ClientState
-from fednl.client.trainer import run_client_round
 from fednl.engine import wire
 from fednl.engine.flower_protocol import config_sha
 from fednl.engine.runstate import RunState
@@ -72,22 +70,13 @@ def runtime_for(config_json: str, sha: str) -> Runtime:
     return rt
 
 
-
-
 def train_client(rt: Runtime, cid: str, down: Payload, state: ClientState, rnd: int, seed_gen: int,
                  seed_torch: int, wire_dtype: str) -> tuple[Payload, int, dict[str, float]]:
     """One local round of client ``cid`` on the wire payload ``down``; returns the wire-encoded reply payload,
     N_k and the training metrics. ``state`` is updated in place (the caller persists it)."""
     sim = rt.sim
-    initial_local = sim._fresh.initial_local
-    gen = torch.Generator().manual_seed(int(seed_gen))
-    devices = [sim.device] if sim.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=sim.device.type if devices else "cuda"):
-        torch.manual_seed(int(seed_torch))
-        reply = run_client_round(
-            sim.model, sim.strategy, cid, wire.decode(down), state, sim.data[cid].train, sim.tokenizer,
-            sim.spec.train, rnd, gen, initial_local=initial_local,
-        )
+    reply = sim.train_client(rnd, cid, wire.decode(down), state, initial_local=sim.initial_local,
+                             seeds=(int(seed_gen), int(seed_torch)))
     return wire.encode(reply.payload, wire_dtype), reply.num_examples, dict(reply.metrics)
 
 
@@ -96,5 +85,5 @@ def evaluate_client(rt: Runtime, cid: str, global_params: Params, state: ClientS
     """Client ``cid``'s personalised model (its local state + ``eval_params``) on its test split."""
     sim = rt.sim
     sim.strategy.load_server_state(server_tensors, server_info)
-    run_state = RunState(rnd, global_params, sim._fresh.initial_local, {cid: state})
-    return sim._evaluate_one(cid, sim.data[cid].test, run_state)
+    run_state = RunState(rnd, global_params, sim.initial_local, {cid: state})
+    return sim.evaluate_client(cid, sim.data[cid].test, run_state)

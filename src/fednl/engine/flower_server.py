@@ -45,8 +45,8 @@ from fednl.engine.flower_protocol import (
     config_to_json,
 )
 from fednl.engine.runstate import RunState
-from fednl.engine.simulator import Simulator, derive_seed
-from fednl.strategies.base import ClientReply, StrategyError
+from fednl.engine.simulator import Simulator
+from fednl.strategies.base import ClientReply
 
 FLOWER_JSON = "flower.json"
 NODE_STATE_DIR = "node-state"
@@ -203,20 +203,14 @@ class FlowerEngine(Simulator):
     # ------------------------------------------------------------------ the two overridden steps
     def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
         self._rnd = rnd
-        chosen = self.strategy.sample(rnd, list(self.client_names), rng)
-        unknown = [c for c in chosen if c not in self.data]
-        if not chosen or unknown:
-            raise StrategyError(f"strategy {self.strategy.name!r} sampled an invalid client set {chosen}")
+        chosen, seeds = self._sample_round(rnd, state, rng)
         dtype = self.spec.engine.wire_dtype
-        seeds = {cid: derive_seed(self.spec.seed, "client", rnd, cid) for cid in chosen}
-        state.schedule.append({"round": rnd, "clients": list(chosen), "seeds": {c: str(s) for c, s in seeds.items()}})
         msgs = []
         for cid in chosen:
             down = wire.encode(self.strategy.configure_train(rnd, cid, state.global_params), dtype)
             state.ledger.record(rnd, cid, "down", down, self.index, dtype)
             content = encode_payload(down)
-            content[RUN] = self._run_record("train", rnd, cid, seed_gen=seeds[cid],
-                                            seed_torch=derive_seed(self.spec.seed, "torch", rnd, cid))
+            content[RUN] = self._run_record("train", rnd, cid, seed_gen=seeds[cid][0], seed_torch=seeds[cid][1])
             self.hops.add(rnd, cid, "train", "down", message_bytes(content))
             msgs.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN,
                                 group_id=str(rnd)))

@@ -35,7 +35,7 @@ from fednl.engine.atomic import atomic_write_json, atomic_write_text
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
 from fednl.eval.metrics import PRIMARY_METRIC, evaluate_examples
-from fednl.strategies.base import ClientReply, Params, Strategy, StrategyError
+from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
 
 if TYPE_CHECKING:
     from fednl.config import EngineConfig, TrainConfig
@@ -58,7 +58,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         t = p.detach().to("cpu").contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor cannot be viewed as bytes; for ndim >= 1 the bytes are the same
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -136,8 +137,13 @@ class Simulator:
             clients={cid: ClientState(cid) for cid in names},
         )
 
+    @property
+    def initial_local(self) -> Params:
+        """The initial values of the strategy's local parameters (what a client that never trained holds)."""
+        return self._fresh.initial_local
+
     # ------------------------------------------------------------------ parameter swapping
-    def _install(self, cid: str, global_params: Params, state: RunState) -> None:
+    def install_client(self, cid: str, global_params: Params, state: RunState) -> None:
         """Load client ``cid``'s personalised model into the shared one: its local parameters (persisted, or
         the initial values if it never trained), then ``strategy.eval_params`` (default: the global shared)."""
         live = dict(self.model.named_parameters())
@@ -153,7 +159,7 @@ class Simulator:
 
     def evaluate(self, state: RunState) -> dict[str, dict[str, float]]:
         """Each training client's personalised model on its test split."""
-        return {cid: self._evaluate_one(cid, self.data[cid].test, state) for cid in self.client_names
+        return {cid: self.evaluate_client(cid, self.data[cid].test, state) for cid in self.client_names
                 if self.data[cid].test}
 
     def evaluate_heldout(self, state: RunState) -> dict[str, dict[str, float]]:
@@ -162,40 +168,65 @@ class Simulator:
         for c in self.task.heldout:
             examples = [*c.train, *c.test]
             if examples:
-                out[c.name] = self._evaluate_one(c.name, examples, state, ClientState(c.name))
+                out[c.name] = self.evaluate_client(c.name, examples, state, ClientState(c.name))
         return out
 
-    def _evaluate_one(self, cid: str, examples: list[Any], state: RunState,
-                      client: ClientState | None = None) -> dict[str, float]:
+    def evaluate_client(self, cid: str, examples: list[Any], state: RunState,
+                        client: ClientState | None = None) -> dict[str, float]:
+        """Client ``cid``'s personalised model (:meth:`install_client`) on ``examples``; ``client`` evaluates a
+        client outside ``state`` (a held-out one) with that throw-away state instead."""
         if client is not None:  # a client outside the federation: install with a throw-away state
             state = RunState(state.round, state.global_params, state.initial_local, {cid: client})
-        self._install(cid, state.global_params, state)
+        self.install_client(cid, state.global_params, state)
         bs = int(self.spec.engine.eval_batch_size or self.spec.train.batch_size)
         return evaluate_examples(self.model, self.tokenizer, examples, seq_len=int(self.spec.train.seq_len),
                                  batch_size=bs)
 
+    # ------------------------------------------------------------------ one client's local round
+    def client_seeds(self, rnd: int, cid: str) -> tuple[int, int]:
+        """``(shuffling generator seed, global torch seed)`` of client ``cid`` in round ``rnd``."""
+        return derive_seed(self.spec.seed, "client", rnd, cid), derive_seed(self.spec.seed, "torch", rnd, cid)
+
+    def train_client(self, rnd: int, cid: str, payload: Payload, client: ClientState, *, initial_local: Params,
+                     seeds: tuple[int, int] | None = None) -> ClientReply:
+        """Client ``cid``'s local round ``rnd`` on the decoded ``payload``, as the round loop runs it: a torch
+        generator (shuffling) and a forked global torch RNG seeded from ``seeds`` (default
+        :meth:`client_seeds`), so the result does not depend on what ran before. ``client`` is updated in place;
+        ``initial_local`` is what a client that never trained starts its local parameters from."""
+        seed_gen, seed_torch = self.client_seeds(rnd, cid) if seeds is None else seeds
+        gen = torch.Generator().manual_seed(int(seed_gen))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.manual_seed(int(seed_torch))
+            return run_client_round(
+                self.model, self.strategy, cid, payload, client, self.data[cid].train, self.tokenizer,
+                self.spec.train, rnd, gen, initial_local=initial_local,
+            )
+
     # ------------------------------------------------------------------ one round
-    def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
+    def _sample_round(self, rnd: int, state: RunState,
+                      rng: random.Random) -> tuple[list[str], dict[str, tuple[int, int]]]:
+        """The clients of round ``rnd`` (the strategy's sample, checked) and their :meth:`client_seeds`, recorded
+        in ``state.schedule``."""
         chosen = self.strategy.sample(rnd, list(self.client_names), rng)
         unknown = [c for c in chosen if c not in self.data]
         if not chosen or unknown:
             raise StrategyError(f"strategy {self.strategy.name!r} sampled an invalid client set {chosen}")
+        seeds = {cid: self.client_seeds(rnd, cid) for cid in chosen}
+        state.schedule.append({"round": rnd, "clients": list(chosen),
+                               "seeds": {c: str(s[0]) for c, s in seeds.items()}})
+        return chosen, seeds
+
+    def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
+        chosen, seeds = self._sample_round(rnd, state, rng)
         dtype = self.spec.engine.wire_dtype
-        seeds = {cid: derive_seed(self.spec.seed, "client", rnd, cid) for cid in chosen}
-        state.schedule.append({"round": rnd, "clients": list(chosen), "seeds": {c: str(s) for c, s in seeds.items()}})
         replies: list[ClientReply] = []
         show = bool(self.spec.engine.progress) and sys.stderr.isatty()
         for cid in tqdm(chosen, desc=f"round {rnd}", unit="client", leave=False, disable=not show):
             down = wire.encode(self.strategy.configure_train(rnd, cid, state.global_params), dtype)
             state.ledger.record(rnd, cid, "down", down, self.index, dtype)
-            gen = torch.Generator().manual_seed(seeds[cid])
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
-                torch.manual_seed(derive_seed(self.spec.seed, "torch", rnd, cid))
-                reply = run_client_round(
-                    self.model, self.strategy, cid, wire.decode(down), state.clients[cid], self.data[cid].train,
-                    self.tokenizer, self.spec.train, rnd, gen, initial_local=state.initial_local,
-                )
+            reply = self.train_client(rnd, cid, wire.decode(down), state.clients[cid],
+                                      initial_local=state.initial_local, seeds=seeds[cid])
             up = wire.encode(reply.payload, dtype)
             state.ledger.record(rnd, cid, "up", up, self.index, dtype)
             replies.append(ClientReply(cid, wire.decode(up, like=state.global_params), reply.num_examples, reply.metrics))

@@ -4,7 +4,7 @@ The run's simulator is rebuilt from ``config.resolved.toml`` and its newest chec
 final round's aggregation, round ``R``). Views, each on every training client's test split:
 
 * ``personalised`` — the client's local parameters kept + what the strategy installs for evaluation
-  (``Simulator._install``); the number a run reports.
+  (``Simulator.install_client``); the number a run reports.
 * ``global``       — global shared parameters + the *initial* values of the local parameters (as a client that
   never trained would see it).
 * ``memory_off``   — titans models only: ``personalised`` with the memory gate forced to the softmax side
@@ -14,8 +14,8 @@ final round's aggregation, round ``R``). Views, each on every training client's 
 Each view gets ``summary`` = mean, worst client and (population) std of the task's primary metric.
 
 **Aggregation drop** (paper Fig. 3). For each client, one more local round ``R + 1`` is run from its
-personalised post-aggregation state exactly as the simulator would run it (``run_client_round`` with the payload
-``strategy.configure_train(R + 1, cid, global)`` passed through the wire dtype, the same seed derivation
+personalised post-aggregation state exactly as the simulator would run it (``Simulator.train_client`` with the
+payload ``strategy.configure_train(R + 1, cid, global)`` passed through the wire dtype, the same seed derivation
 ``derive_seed(seed, "client" | "torch", R + 1, cid)``); the resulting *locally fine-tuned* model is evaluated
 before anything is sent back. ``local - aggregated`` is reported raw (``delta``) and as ``drop``, signed so that
 a positive drop means aggregation cost that client performance (``local - aggregated`` for higher-is-better
@@ -38,11 +38,10 @@ from typing import Any
 import torch
 
 from fednl.client.state import ClientState
-from fednl.client.trainer import run_client_round
 from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
-from fednl.engine.simulator import Simulator, derive_seed
+from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths
 from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, evaluate_examples
 from fednl.eval.position import ce_by_position
@@ -138,12 +137,7 @@ def _local_round(sim: Simulator, state: RunState, cid: str) -> dict[str, float]:
     dtype = sim.spec.engine.wire_dtype
     client = ClientState.from_bytes(*state.clients[cid].to_bytes(), source=f"copy of {cid}")
     down = wire.decode(wire.encode(sim.strategy.configure_train(rnd, cid, state.global_params), dtype))
-    gen = torch.Generator().manual_seed(derive_seed(sim.spec.seed, "client", rnd, cid))
-    devices = [sim.device] if sim.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=sim.device.type if devices else "cuda"):
-        torch.manual_seed(derive_seed(sim.spec.seed, "torch", rnd, cid))
-        reply = run_client_round(sim.model, sim.strategy, cid, down, client, sim.data[cid].train, sim.tokenizer,
-                                 sim.spec.train, rnd, gen, initial_local=state.initial_local)
+    reply = sim.train_client(rnd, cid, down, client, initial_local=state.initial_local)
     out = _eval_now(sim, sim.data[cid].test)
     out["train_loss"] = float(reply.metrics["train_loss"])
     return out
@@ -162,7 +156,7 @@ def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
 def _installed(sim: Simulator, cid: str, state: RunState) -> dict[str, bytes]:
     """Install client ``cid``'s model from ``state`` and return the exact bytes of every parameter the install
     writes (its local parameters and the strategy's evaluation parameters), to compare two installs."""
-    sim._install(cid, state.global_params, state)
+    sim.install_client(cid, state.global_params, state)
     names = set(sim.strategy.local_names()) | set(sim.strategy.eval_params(cid, state.global_params,
                                                                             state.clients[cid]))
     live = dict(sim.model.named_parameters())
@@ -230,7 +224,7 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
                 position[view][cid] = p
         # the global view needs its own pass only when it installs different values (local parts, FedALA...)
         views["global"][cid] = (dict(views["personalised"][cid]) if global_same
-                                else sim._evaluate_one(cid, test, state, ClientState(cid)))
+                                else sim.evaluate_client(cid, test, state, ClientState(cid)))
     views["heldout"] = sim.evaluate_heldout(state)
 
     agg: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
@@ -50,10 +50,14 @@ def per_client_bars(runs: Sequence[RunRecord]) -> bytes | None:
     return _png(fig)
 
 
-def accuracy_vs_depth(runs: Sequence[RunRecord]) -> bytes | None:
+def _pooled_views_plot(runs: Sequence[RunRecord], section: str,
+                       xy: Callable[[dict[str, Any]], tuple[list[Any], list[Any]]], *, xlabel: str, ylabel: str,
+                       title: str, ylim: tuple[float, float] | None = None, zero_line: bool = False) -> bytes | None:
+    """One line per run and view (``personalised`` solid, ``memory_off`` dashed) of the pooled ``section`` of the
+    runs' eval.json; ``xy`` turns a pooled record into the line's points. ``None`` when no run has one."""
     series = []
     for r in runs:
-        d = (r.evaluation or {}).get("depth", {})
+        d = (r.evaluation or {}).get(section, {})
         for view in ("personalised", "memory_off"):
             pooled = d.get(view, {}).get("pooled")
             if pooled:
@@ -62,37 +66,34 @@ def accuracy_vs_depth(runs: Sequence[RunRecord]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for label, pooled in series:
-        xs = sorted(pooled, key=float)
-        ax.plot([float(x) for x in xs], [pooled[x]["accuracy"] for x in xs], marker="o",
-                linestyle="--" if "memory_off" in label else "-", label=label)
-    ax.set_xlabel("needle depth (fraction of context)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("NIAH accuracy by depth (pooled over clients)")
+        xs, ys = xy(pooled)
+        ax.plot(xs, ys, marker="o", linestyle="--" if "memory_off" in label else "-", label=label)
+    if zero_line:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def _depth_points(pooled: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    xs = sorted(pooled, key=float)
+    return [float(x) for x in xs], [pooled[x]["accuracy"] for x in xs]
+
+
+def accuracy_vs_depth(runs: Sequence[RunRecord]) -> bytes | None:
+    return _pooled_views_plot(runs, "depth", _depth_points, xlabel="needle depth (fraction of context)",
+                              ylabel="accuracy", ylim=(-0.05, 1.05),
+                              title="NIAH accuracy by depth (pooled over clients)")
 
 
 def ce_vs_position(runs: Sequence[RunRecord]) -> bytes | None:
-    series = []
-    for r in runs:
-        p = (r.evaluation or {}).get("position", {})
-        for view in ("personalised", "memory_off"):
-            pooled = p.get(view, {}).get("pooled")
-            if pooled:
-                series.append((f"{r.label} {view}", pooled))
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for label, pooled in series:
-        ax.plot(pooled["bin_start"], pooled["relative"], marker="o",
-                linestyle="--" if "memory_off" in label else "-", label=label)
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("token position (bin start)")
-    ax.set_ylabel("CE relative to first bin")
-    ax.set_title("streaming CE by position")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _pooled_views_plot(runs, "position", lambda pooled: (pooled["bin_start"], pooled["relative"]),
+                              xlabel="token position (bin start)", ylabel="CE relative to first bin",
+                              title="streaming CE by position", zero_line=True)
 
 
 def memory_vs_length(bench: list[dict[str, Any]] | None) -> bytes | None:
