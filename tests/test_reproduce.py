@@ -81,7 +81,11 @@ def test_smoke_plan_end_to_end_and_resume(tmp_path) -> None:
     assert drop["clients"]  # the smoke plan's NIAH jobs measure it
     tables = (out / "tables.md").read_text()
     assert "### Streaming text (tiny model)" in tables and "### NIAH (tiny model)" in tables
-    assert tables.count("| fednl |") == 2 and tables.count("| fedavg |") == 2
+    main_rows = [x for x in tables.splitlines() if x.startswith("| fednl | ") and "| 0 |" in x]
+    assert len(main_rows) == 2  # one across-seed row per experiment (seeds column "0")
+    for caption in ("Per-client personalised metric", "NIAH accuracy by needle depth (Fig. 4)",
+                    "CE by position, relative to the first bin (Fig. 5)"):
+        assert caption in tables, caption
     assert (out / "stream" / "report.html").is_file() and (out / "niah7" / "report.html").is_file()
     # a second call finds everything done and only rewrites the tables
     res = CliRunner().invoke(app, ["reproduce", "smoke", "--seeds", "0", "--out", str(out)])
@@ -112,3 +116,27 @@ def test_shell_line_quotes() -> None:
 
     assert shell_line([*fednl_command(), "run", "x", "--set", "task={name='stream'}"]) == \
         "fednl run x --set 'task={name='\"'\"'stream'\"'\"'}'"
+
+
+def test_curve_table_hand_computed(tmp_path) -> None:
+    from fednl.report.load import RunRecord
+    from fednl.report.seeds import curve_table
+
+    def run(seed: int, acc: dict[str, float], rel: list[float]) -> RunRecord:
+        res = {"method": "fednl", "task": "niah7", "seed": seed, "mean": {"accuracy": sum(acc.values()) / 2},
+               "clients": {c: {"accuracy": a, "n": 4.0} for c, a in acc.items()}, "comm": {}, "wall_s": 1.0}
+        ev = {"position": {"personalised": {"pooled": {"bin_start": [0, 64], "relative": rel}}},
+              "depth": {"personalised": {"pooled": {"0.10": {"accuracy": acc["a"], "n": 4.0}}}}}
+        return RunRecord(tmp_path / f"s{seed}", res, evaluation=ev)
+
+    runs = [run(0, {"a": 0.25, "b": 0.5}, [0.0, -0.1]), run(1, {"a": 0.75, "b": 0.5}, [0.0, 0.1])]
+    group = [{"method": "fednl", "variant": "", "runs": runs}]
+    clients = curve_table(group, "clients")
+    # a: mean 0.5, sample std sqrt(((0.25-0.5)^2 + (0.75-0.5)^2) / 1) = 0.354; b: 0.5 ± 0
+    assert "| fednl | 0.500 ± 0.354 | 0.500 ± 0.000 |" in clients and "| method | a | b |" in clients
+    pos = curve_table(group, "position")
+    assert "| fednl | 0.000 ± 0.000 | 0.000 ± 0.141 |" in pos  # -0.1 and 0.1: std sqrt(0.02) = 0.141
+    assert "| fednl | 0.500 ± 0.354 |" in curve_table(group, "depth")
+    assert curve_table(group, "depth", "memory_off") == ""  # no data: no table
+    with pytest.raises(ValueError, match="kind must be"):
+        curve_table(group, "bytes")

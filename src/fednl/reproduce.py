@@ -37,6 +37,16 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Extra tables under each experiment's main table: (kind, view, caption); absent data gives no table.
+CURVES = (
+    ("clients", "personalised", "Per-client personalised metric (paper Tables 1-2 layout)"),
+    ("depth", "personalised", "NIAH accuracy by needle depth (Fig. 4)"),
+    ("depth", "memory_off", "NIAH accuracy by needle depth, memory off"),
+    ("position", "personalised", "CE by position, relative to the first bin (Fig. 5)"),
+    ("position", "memory_off", "CE by position relative to the first bin, memory off"),
+)
+
+
 @dataclass(frozen=True)
 class Job:
     experiment: str           # table this job belongs to (e.g. "mmlu5")
@@ -183,7 +193,7 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
     ``report.html`` per experiment. Experiments without finished runs are listed as not run."""
     from fednl.engine.atomic import atomic_write_text
     from fednl.report import load_run_dir, write_report
-    from fednl.report.seeds import markdown_table, seed_groups
+    from fednl.report.seeds import curve_table, markdown_table, seed_groups
 
     root = Path(root)
     out = Path(out) if out is not None else root / "tables.md"
@@ -196,7 +206,12 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
             parts.append("Not run.\n")
             continue
         runs = [load_run_dir(d) for d in finished]
-        parts.append(markdown_table(seed_groups(runs)))
+        groups = seed_groups(runs)
+        parts.append(markdown_table(groups))
+        for kind, view, what in CURVES:
+            table = curve_table(groups, kind, view)
+            if table:
+                parts.append(f"\n{what}:\n\n{table}")
         missing = len(jobs) - len(finished)
         if missing:
             parts.append(f"\n{missing} of {len(jobs)} runs of this experiment have not finished.\n")

@@ -61,7 +61,8 @@ def seed_groups(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         label_bits = [f"{k}={first.get(k)}" for k in varying if k not in ("task.name",)]
         rec: dict[str, Any] = {"method": runs[idx[0]].results["method"], "task": runs[idx[0]].results["task"],
                                "variant": ", ".join(label_bits), "metric": rows[idx[0]]["metric"],
-                               "seeds": [runs[i].results.get("seed") for i in idx]}
+                               "seeds": [runs[i].results.get("seed") for i in idx],
+                               "runs": [runs[i] for i in idx]}
         for field in ("mean", "worst", "global", "memory_off", "heldout", "agg_drop", "bytes_per_round", "wall_s"):
             vals = [rows[i][field] for i in idx if rows[i][field] is not None]
             rec[field] = mean_std(vals) if len(vals) == len(idx) else None
@@ -92,3 +93,46 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
                  _pm(g["ce_last_bin_rel"]), bpr]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- curves
+def _columns(run: RunRecord, kind: str, view: str) -> dict[str, float]:
+    """One run's values by column: ``clients`` (personalised primary metric per client), ``depth`` (pooled NIAH
+    accuracy per depth of ``view``) or ``position`` (pooled CE relative to the first bin, per bin start)."""
+    if kind == "clients":
+        metric = results_rows([run])[0]["metric"]
+        return {c: float(m[metric]) for c, m in run.results["clients"].items() if metric in m}
+    pooled = (((run.evaluation or {}).get(kind) or {}).get(view) or {}).get("pooled")
+    if not pooled:
+        return {}
+    if kind == "depth":
+        return {k: float(v["accuracy"]) for k, v in pooled.items()}
+    return {str(b): float(r) for b, r in zip(pooled["bin_start"], pooled["relative"])}
+
+
+def curve_table(groups: Sequence[dict[str, Any]], kind: str, view: str = "personalised", digits: int = 3) -> str:
+    """Markdown: one row per seed group (and view), one column per client / depth / position bin, each cell
+    mean ± std over the group's seeds. Empty string when no run has the data. ``kind``: ``clients``, ``depth``
+    or ``position``."""
+    if kind not in ("clients", "depth", "position"):
+        raise ValueError(f"kind must be 'clients', 'depth' or 'position', got {kind!r}")
+    rows = []
+    for g in groups:
+        per_run = [_columns(r, kind, view) for r in g["runs"]]
+        if not per_run or not all(per_run):
+            continue
+        label = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
+        rows.append((label, per_run))
+    if not rows:
+        return ""
+    cols = sorted({c for _, per_run in rows for pr in per_run for c in pr},
+                  key=lambda c: (float(c) if kind != "clients" else 0.0, c))
+    head = {"clients": "client", "depth": "needle depth", "position": "bin start (tokens)"}[kind]
+    lines = [f"| method | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
+    for label, per_run in rows:
+        cells = []
+        for c in cols:
+            vals = [pr[c] for pr in per_run if c in pr]
+            cells.append(_pm(mean_std(vals), digits) if len(vals) == len(per_run) else "–")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return f"Columns: {head}; {view} view; mean ± std over seeds.\n\n" + "\n".join(lines) + "\n"
