@@ -207,6 +207,9 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
             continue
         runs = [load_run_dir(d) for d in finished]
         groups = seed_groups(runs)
+        for g in groups:  # the job's label ("hebbian", "lora-frozen") names the variant better than config keys
+            label = g["runs"][0].path.name.rsplit("-s", 1)[0]
+            g["variant"] = "" if label == g["method"] else label
         parts.append(markdown_table(groups))
         for kind, view, what in CURVES:
             table = curve_table(groups, kind, view)
