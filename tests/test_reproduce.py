@@ -140,3 +140,22 @@ def test_curve_table_hand_computed(tmp_path) -> None:
     assert curve_table(group, "depth", "memory_off") == ""  # no data: no table
     with pytest.raises(ValueError, match="kind must be"):
         curve_table(group, "bytes")
+
+
+def test_paper_table_units(tmp_path) -> None:
+    import math
+
+    from fednl.report.load import RunRecord
+    from fednl.reproduce import paper_table
+
+    def run(seed: int, metric: str, vals: list[float]) -> RunRecord:
+        clients = {f"c{i}": {metric: v, "n": 1.0} for i, v in enumerate(vals)}
+        return RunRecord(tmp_path / f"s{seed}", {"method": "fednl", "task": "t", "seed": seed, "clients": clients,
+                                                 "mean": {metric: sum(vals) / len(vals)}, "comm": {}, "wall_s": 1.0})
+
+    # perplexity = exp(client-mean CE) per run: exp(1) and exp(2) -> mean 5.0537, sample std 3.3028
+    g = [{"method": "fednl", "variant": "hebbian", "runs": [run(0, "ce", [0.5, 1.5]), run(1, "ce", [2.0, 2.0])]}]
+    e1, e2 = math.exp(1.0), math.exp(2.0)
+    assert f"| hebbian | 1576.42 | {(e1 + e2) / 2:.2f} ± {abs(e2 - e1) / math.sqrt(2):.2f} | 2 |" in paper_table("stream", g)
+    g = [{"method": "fedavg", "variant": "", "runs": [run(0, "accuracy", [0.25, 0.5])]}]
+    assert "| fedavg | 18.3 | 37.50 ± 0.00 | 1 |" in paper_table("niah7", g)

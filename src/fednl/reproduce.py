@@ -47,6 +47,17 @@ CURVES = (
 )
 
 
+# The paper's printed numbers on its smallest backbone (Llama-3.2-1B; FedNL on Titans-Llama-3.2-1B), for the
+# side-by-side tables: Table 1 average MMLU accuracy (%), Table 2 average NIAH accuracy (%), Fig. 6 PG-19 PPL.
+# FedAvg-LoRA on the streaming task has no paper number (the paper's ablation is FedNL only).
+PAPER: dict[str, dict[str, float]] = {
+    "mmlu5": {"fednl": 42.64, "fedavg": 41.2, "fedprox": 38.2, "fedssi": 42.1, "fedala": 40.59, "ffa_lora": 40.75},
+    "niah7": {"fednl": 29.7, "fedavg": 18.3, "fedprox": 20.0, "fedssi": 18.3, "fedala": 28.6, "ffa_lora": 15.2},
+    "stream": {"full": 29.82, "hebbian": 1576.42, "fixed-gate": 348.97, "lora-frozen": 149.46},
+}
+PAPER_UNIT = {"mmlu5": "accuracy %", "niah7": "accuracy %", "stream": "perplexity"}
+
+
 @dataclass(frozen=True)
 class Job:
     experiment: str           # table this job belongs to (e.g. "mmlu5")
@@ -211,6 +222,8 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
             label = g["runs"][0].path.name.rsplit("-s", 1)[0]
             g["variant"] = "" if label == g["method"] else label
         parts.append(markdown_table(groups))
+        if experiment in PAPER:
+            parts.append("\n" + paper_table(experiment, groups))
         for kind, view, what in CURVES:
             table = curve_table(groups, kind, view)
             if table:
@@ -223,6 +236,28 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
         parts.append("\n```\n" + "\n".join(shell_line(c) for c in _all_commands(jobs, root)) + "\n```\n")
     atomic_write_text(out, "\n".join(parts))
     return out
+
+
+def paper_table(experiment: str, groups: list[dict]) -> str:
+    """Markdown: the paper's number next to ours (mean ± sample std over seeds) in the paper's unit — accuracy
+    in % of the client-mean accuracy, or perplexity ``exp(client-mean CE)`` per run."""
+    import math
+
+    from fednl.report.html import results_rows
+    from fednl.report.seeds import mean_std
+
+    unit = PAPER_UNIT[experiment]
+    lines = [f"| method / variant | paper ({unit}, Llama-3.2-1B) | ours ({unit}, SmolLM2-135M) | seeds |",
+             "|---|---|---|---|"]
+    for g in groups:
+        key = g["variant"] or g["method"]
+        vals = []
+        for row in results_rows(g["runs"]):
+            vals.append(math.exp(row["mean"]) if unit == "perplexity" else 100.0 * row["mean"])
+        m, sd = mean_std(vals)
+        paper = PAPER[experiment].get(key)
+        lines.append(f"| {key} | {'–' if paper is None else f'{paper:g}'} | {m:.2f} ± {sd:.2f} | {len(vals)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _all_commands(jobs: Sequence[Job], root: Path) -> list[list[str]]:
