@@ -232,7 +232,7 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
         if missing:
             parts.append(f"\n{missing} of {len(jobs)} runs of this experiment have not finished.\n")
         report = write_report(finished, root / experiment / "report.html", title=title)
-        parts.append(f"\nReport: `{report.relative_to(root)}`. Commands (one per run, then `fednl evaluate`):\n")
+        parts.append(f"\nReport: `{report}`. Commands (one per run, then `fednl evaluate`):\n")
         parts.append("\n```\n" + "\n".join(shell_line(c) for c in _all_commands(jobs, root)) + "\n```\n")
     atomic_write_text(out, "\n".join(parts))
     return out
