@@ -165,7 +165,7 @@ def test_round_trains_only_trainable_and_replies_shared_names() -> None:
     # LoRA stays local: persisted in the client state, never in the reply
     assert set(st.local_params()) == {"lora_A", "lora_B"}
     assert torch.equal(st.local_params()["lora_B"], after["lora_B"].detach())
-    assert st.info == {"rounds_trained": 1, "last_round": 1}
+    assert st.info == {"rounds_trained": 1, "last_round": 1, "steps_trained": 6}
 
 
 def test_clients_sharing_one_model_do_not_leak_local_params() -> None:

@@ -53,15 +53,21 @@ def test_streaming_baseline_uses_the_hf_cache_and_matches():
     assert lm.state_nbytes() == 2 * 2 * 2 * 2 * 30 * 16 * 8  # layers * (k, v) * B * kv heads * T * D * 8 bytes
 
 
-def test_window_bounds_the_carried_state():
-    model = _converted(5)
+@pytest.mark.parametrize("sinks,write", [(0, "all"), (None, "all"), (3, "evicted")])
+def test_window_bounds_the_carried_state(sinks, write):
+    model = _converted(5, attn_sinks=sinks, write=write)
+    n_sinks = 4 if sinks is None else sinks  # default: 4 sinks whenever a window is set
     lm = StreamingLM(model)
     sizes = []
     for i in range(12):
         lm.feed(_ids(T=9, seed=i))
         sizes.append(lm.state_nbytes())
         for st in lm.streams:
-            assert st.k.shape == (2, 2, 4, 16) and st.state.shape == (2, 4, 16, 16)
+            assert st.k.shape == (2, 2, 4 + n_sinks, 16) and st.state.shape == (2, 4, 16, 16)
+            assert st.k_pos.tolist() == list(range(n_sinks)) + list(range(lm.position - 4, lm.position))
+            assert (st.pending is None) == (write == "all")
+            if st.pending is not None:
+                assert st.pending[0].shape == (2, 5, 4, 16)  # the last window's writes wait for eviction
     assert len(set(sizes)) == 1
     unbounded = StreamingLM(_converted(None))
     for i in range(3):

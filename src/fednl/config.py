@@ -57,8 +57,34 @@ class _NestedError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- sections
+class GroupOptimConfig(BaseModel):
+    """Optimiser settings of one parameter group (``[train.groups.rule]``, ``.gate``, ``.lora`` ...); every unset
+    field inherits the ``[train]`` value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] | None = None
+
+
 class TrainConfig(BaseModel):
-    """Local training (Level 1). ``max_steps`` (if set) replaces ``epochs`` as the per-round budget."""
+    """Local training (Level 1). ``max_steps`` (if set) replaces ``epochs`` as the per-round budget.
+
+    * ``objective``: ``"lm"`` (the paper's: next-token loss back-propagated through the memory trajectory),
+      ``"attention_transfer"`` (LoLCATs stage 1: per converted layer, the MSE between the hybrid attention output
+      and the frozen full-attention output on the same inputs, summed over layers; needs a converted model; only
+      the memory's own parameters get gradients), ``"mixed"`` (``lm + transfer_weight * attention_transfer``) or
+      ``"two_stage"`` (attention transfer in rounds ``1 .. stage1_rounds``, then LM).
+    * Learning-rate schedule over each client's cumulative local steps: linear warm-up for ``warmup_steps``, then
+      ``constant``, or ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` at ``decay_steps``.
+    * ``groups``: per-group overrides (``lr``, ``weight_decay``, ``warmup_steps``, ``schedule``) for ``rule``,
+      ``gate``, ``lora`` or any group the model has.
+    * ``segment_len``: truncated BPTT: a sequence longer than ``segment_len`` is fed in consecutive segments; the
+      memory state (and the window cache) is carried from segment to segment and detached at each boundary, so a
+      client learns from documents longer than one forward pass in bounded memory. ``None`` = one pass.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,13 +98,43 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
     persist_optimizer: bool = False  # keep optimiser moments in each ClientState across rounds
+    objective: Literal["lm", "attention_transfer", "mixed", "two_stage"] = "lm"
+    transfer_weight: float = Field(1.0, gt=0)
+    stage1_rounds: int = Field(1, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    decay_steps: int | None = Field(None, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    groups: dict[str, GroupOptimConfig] = Field(default_factory=dict)
+    segment_len: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _finite(self) -> TrainConfig:
-        for key in ("lr", "weight_decay", "grad_clip"):
+        for key in ("lr", "weight_decay", "grad_clip", "transfer_weight"):
             if not math.isfinite(getattr(self, key)):
                 raise _NestedError([(key, "must be a finite number")])
+        schedules = {self.schedule, *(g.schedule for g in self.groups.values() if g.schedule)}
+        if schedules - {"constant"} and self.decay_steps is None:
+            raise _NestedError([("decay_steps", "a cosine or linear schedule needs decay_steps (the step at which "
+                                                "the learning rate reaches min_lr_ratio * lr)")])
+        if self.segment_len is not None and self.objective != "lm":
+            raise _NestedError([("segment_len", f"truncated BPTT trains the LM loss; objective {self.objective!r} "
+                                                "compares full forwards (drop segment_len or use objective = 'lm')")])
         return self
+
+    def group_settings(self, group: str) -> dict[str, Any]:
+        """``lr``, ``weight_decay``, ``warmup_steps``, ``schedule`` in force for ``group``."""
+        own = self.groups.get(group, GroupOptimConfig())
+        return {
+            key: getattr(self, key) if getattr(own, key) is None else getattr(own, key)
+            for key in ("lr", "weight_decay", "warmup_steps", "schedule")
+        }
+
+    def objective_at(self, rnd: int) -> str:
+        """The objective of round ``rnd`` (``two_stage`` resolves to ``attention_transfer`` or ``lm``)."""
+        if self.objective == "two_stage":
+            return "attention_transfer" if rnd <= self.stage1_rounds else "lm"
+        return self.objective
 
 
 class EngineConfig(BaseModel):

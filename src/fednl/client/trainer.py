@@ -101,13 +101,110 @@ def steps_per_round(num_examples: int, train_cfg: TrainConfig) -> int:
     return int(train_cfg.epochs) * math.ceil(num_examples / int(train_cfg.batch_size))
 
 
-def make_optimizer(params: Mapping[str, torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
-    plist = [params[n] for n in sorted(params)]
+def param_group_of(groups: Mapping[str, set[str]], name: str) -> str:
+    for gname, names in groups.items():
+        if name in names:
+            return gname
+    raise StrategyError(f"parameter {name!r} belongs to no group")
+
+
+def make_optimizer(
+    params: Mapping[str, torch.nn.Parameter],
+    train_cfg: TrainConfig,
+    groups: Mapping[str, set[str]] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params``; one optimiser group per distinct (lr, weight decay, warm-up, schedule) of the
+    parameters' model groups (:meth:`TrainConfig.group_settings`). Each optimiser group records ``base_lr``,
+    ``warmup_steps`` and ``schedule`` for :func:`apply_schedule`."""
+    by_setting: dict[tuple, list[torch.nn.Parameter]] = {}
+    for n in sorted(params):
+        gname = param_group_of(groups, n) if groups is not None else ""
+        st = train_cfg.group_settings(gname)
+        key = (float(st["lr"]), float(st["weight_decay"]), int(st["warmup_steps"]), str(st["schedule"]))
+        by_setting.setdefault(key, []).append(params[n])
+    unknown = sorted(set(train_cfg.groups) - set(groups or {}))
+    if unknown:
+        raise ValueError(f"train.groups: the model has no parameter group(s) {unknown}; it has {sorted(groups or {})}")
+    pgroups = [
+        {"params": plist, "lr": lr, "weight_decay": wd, "base_lr": lr, "warmup_steps": wu, "schedule": sched}
+        for (lr, wd, wu, sched), plist in by_setting.items()
+    ]
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(plist, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        return torch.optim.AdamW(pgroups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(plist, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, momentum=train_cfg.momentum)
+        return torch.optim.SGD(pgroups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, momentum=train_cfg.momentum)
     raise ValueError(f"train.optimizer: unknown optimizer {train_cfg.optimizer!r}; expected 'adamw' or 'sgd'")
+
+
+def lr_factor(step: int, *, warmup_steps: int, schedule: str, decay_steps: int | None, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at (0-based) cumulative step ``step``: linear warm-up over
+    ``warmup_steps`` (step 0 gets ``1 / warmup_steps``), then constant, or cosine / linear decay from 1 at the end
+    of warm-up to ``min_lr_ratio`` at ``decay_steps`` (held there afterwards)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if decay_steps is None:
+        raise ValueError(f"schedule {schedule!r} needs decay_steps")
+    span = max(1, decay_steps - warmup_steps)
+    frac = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+    elif schedule == "linear":
+        shape = 1.0 - frac
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def apply_schedule(opt: torch.optim.Optimizer, step: int, train_cfg: TrainConfig) -> None:
+    """Set every optimiser group's ``lr`` for cumulative step ``step`` (see :func:`lr_factor`)."""
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(
+            step, warmup_steps=int(group["warmup_steps"]), schedule=str(group["schedule"]),
+            decay_steps=train_cfg.decay_steps, min_lr_ratio=float(train_cfg.min_lr_ratio),
+        )  # fmt: skip
+
+
+def transfer_objective_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Attention-transfer loss (sum over converted layers of each layer's MSE to its full-attention teacher)."""
+    from fednl.models.titans import attention_transfer, transfer_loss
+
+    with attention_transfer(model) as layers:
+        model(batch.input_ids)
+        return transfer_loss(layers)
+
+
+def segmented_lm_backward(
+    model: torch.nn.Module, batch: Batch, segment_len: int, loss_fn: Any
+) -> torch.Tensor:
+    """Truncated BPTT: feed ``batch`` in segments of ``segment_len`` tokens through a gradient-carrying
+    :class:`~fednl.models.streaming.StreamingLM`; after each segment back-propagate its share of the mean loss and
+    detach the carried state (memory, window cache, pending writes). Returns the mean loss (detached).
+
+    ``loss_fn(loss)`` maps the segment's loss before backward (the strategy's ``client_loss``: a proximal term is
+    added once, with the first segment). Right padding is harmless: padded tokens follow every real one.
+    """
+    from fednl.models.streaming import StreamingLM
+
+    stream = StreamingLM(model, grad=True)
+    total = batch.num_target_tokens
+    if total == 0:
+        raise ValueError("batch has no target tokens")
+    acc = torch.zeros((), dtype=torch.float64)
+    T = batch.input_ids.shape[1]
+    for i, s in enumerate(range(0, T, segment_len)):
+        ids, tgt = batch.input_ids[:, s : s + segment_len], batch.targets[:, s : s + segment_len]
+        lp = stream.feed(ids)
+        mask = tgt != IGNORE
+        if bool(mask.any()):
+            nll = -lp[mask].gather(-1, tgt[mask].unsqueeze(-1)).sum()
+            seg_loss = nll / total
+            (loss_fn(seg_loss) if i == 0 else seg_loss).backward()
+            acc += seg_loss.detach().double()
+        for st in stream.streams:
+            st.detach_()
+    return acc.float()
 
 
 def save_optimizer_state(opt: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter], state: ClientState) -> None:
@@ -198,22 +295,41 @@ def run_client_round(
     strategy.client_receive(ctx, payload)
 
     # 3. local training through the memory trajectory
-    opt = make_optimizer(params, train_cfg)
+    opt = make_optimizer(params, train_cfg, strategy.groups)
     if train_cfg.persist_optimizer:
         load_optimizer_state(opt, params, client_state)
+    objective = train_cfg.objective_at(rnd)
+    scheduled = train_cfg.schedule != "constant" or train_cfg.warmup_steps > 0 or any(
+        g["warmup_steps"] or g["schedule"] != "constant" for g in opt.param_groups
+    )
+    done_steps = int(client_state.info.get("steps_trained", 0))
     model.train()
     n_steps = steps_per_round(len(train_examples), train_cfg)
     losses: list[float] = []
     tokens = 0
     stream = shuffled_batches(encoded, bs, eos, generator)
     plist = list(params.values())
-    for _ in range(n_steps):
+    for i in range(n_steps):
         batch = next(stream).to(device)
         opt.zero_grad(set_to_none=True)
-        loss = task_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"client {cid!r}, round {rnd}: training loss is {loss.item()}")
-        strategy.client_loss(ctx, loss).backward()
+        if scheduled:
+            apply_schedule(opt, done_steps + i, train_cfg)
+        if train_cfg.segment_len is not None and batch.input_ids.shape[1] > train_cfg.segment_len:
+            loss = segmented_lm_backward(
+                model, batch, int(train_cfg.segment_len), lambda x: strategy.client_loss(ctx, x)
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {cid!r}, round {rnd}: training loss is {loss.item()}")
+        else:
+            if objective == "attention_transfer":
+                loss = transfer_objective_loss(model, batch)
+            elif objective == "mixed":
+                loss = task_loss(model, batch) + float(train_cfg.transfer_weight) * transfer_objective_loss(model, batch)
+            else:
+                loss = task_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {cid!r}, round {rnd}: training loss is {loss.item()}")
+            strategy.client_loss(ctx, loss).backward()
         strategy.client_after_backward(ctx)
         if train_cfg.grad_clip and train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(plist, float(train_cfg.grad_clip))
@@ -221,6 +337,7 @@ def run_client_round(
         losses.append(float(loss.detach()))
         tokens += batch.num_target_tokens
     model.eval()
+    client_state.info["steps_trained"] = done_steps + n_steps
 
     # 4. persist what stays on the client
     with torch.no_grad():

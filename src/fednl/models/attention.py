@@ -1,7 +1,8 @@
 """Softmax attention pieces of the converted layer: RoPE, causal / sliding-window masks, and attention itself.
 
 Layout ``[B, H, T, D]`` (HF's). Window semantics: with ``window = W`` a query at absolute position ``p`` sees the
-keys at positions ``p - W + 1 .. p`` (the ``W`` most recent tokens, itself included).
+keys at positions ``p - W + 1 .. p`` (the ``W`` most recent tokens, itself included) and, with ``sinks = N``, also
+the first ``N`` tokens of the stream (positions ``0 .. N - 1``, StreamingLLM's "attention sinks").
 
 :func:`softmax_attention` (``scaled_dot_product_attention``) is the fast path; :func:`attention_reference` is
 the readable explicit-softmax reference it is tested against.
@@ -25,14 +26,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def band_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, sinks: int = 0
 ) -> torch.Tensor:
     """Boolean ``[Tq, Tk]`` mask, True where query position ``q_pos[i]`` may attend key position ``k_pos[j]``:
-    causal (``k <= q``) and, with a window, ``k > q - window``."""
+    causal (``k <= q``) and, with a window, ``k > q - window`` or ``k < sinks`` (the sink tokens)."""
     diff = q_pos[:, None] - k_pos[None, :]
-    allowed = diff >= 0
-    if window is not None:
-        allowed = allowed & (diff < window)
+    causal = diff >= 0
+    if window is None:
+        return causal
+    allowed = causal & (diff < window)
+    if sinks > 0:
+        allowed = allowed | (causal & (k_pos[None, :] < sinks))
     return allowed
 
 

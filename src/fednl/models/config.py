@@ -15,6 +15,9 @@ LLAMA_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_
 #: The default LoRA targets (the FedNL paper's "query, key and value projections").
 QKV: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
+#: Sink tokens kept visible beside a sliding window when ``MemoryConfig.attn_sinks`` is not given.
+DEFAULT_SINKS = 4
+
 DType = Literal["float32", "float64", "bfloat16"]
 
 
@@ -94,6 +97,23 @@ class MemoryConfig(BaseModel):
       ``decay=True`` is stable too (3.70 over 16K).
     * ``attn_window``: limit the softmax path to the ``attn_window`` most recent tokens (itself included); the
       memory carries everything older. ``None`` = full causal attention.
+    * ``attn_sinks``: with a window, the first ``attn_sinks`` tokens of every sequence / stream stay visible to the
+      softmax path ("attention sinks", StreamingLLM). ``None`` (default) = 4 whenever a window is set; ``0`` = a
+      bare window. Measured on SmolLM2-135M, window 64: a bare window costs 1.35 nats beyond the window, four
+      sinks recover 81 % of that with no memory at all.
+
+    Memory design switches (the defaults are the FedNL paper's design, ``paper``):
+
+    * ``write``: ``"all"`` (paper: token ``t`` is written into ``S_t`` at once, so the memory repeats what the
+      window already sees) or ``"evicted"`` (token ``t - W`` is written at step ``t``, the moment it leaves the
+      window; sink tokens are never written): the memory then holds exactly what the softmax path cannot see and
+      is empty for the first ``W`` positions. Needs ``attn_window``.
+    * ``mix``: ``"convex"`` (paper: ``o = g o_mem + (1 - g) o_soft``) or ``"residual"`` (``o = o_soft + g o_mem``:
+      an empty memory leaves the softmax path untouched, so a gate never scales the window down).
+    * ``gate_source``: ``"const"`` (paper: one learned logit per head or channel), ``"query"`` (per token and head,
+      ``g = sigmoid(<w_h, q̂_t,h> + b_h)`` from the normalised query, ``H (D + 1)`` parameters per layer) or
+      ``"input"`` (``g = sigmoid(w_h · x_t + b_h)`` from the layer input, ``H (hidden + 1)`` per layer). ``w``
+      starts at zero and ``b`` at ``logit(gate_init)``. Only with ``gate = "learned"``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,6 +131,30 @@ class MemoryConfig(BaseModel):
     chunk_size: int = Field(64, ge=1)
     scale: float | None = Field(None, gt=0.0)
     attn_window: int | None = Field(None, ge=1)
+    attn_sinks: int | None = Field(None, ge=0)
+    write: Literal["all", "evicted"] = "all"
+    mix: Literal["convex", "residual"] = "convex"
+    gate_source: Literal["const", "query", "input"] = "const"
+
+    @model_validator(mode="after")
+    def _check_design(self) -> MemoryConfig:
+        if self.attn_window is None and self.attn_sinks:
+            raise ValueError("attn_sinks needs attn_window (without a window every token is visible anyway)")
+        if self.write == "evicted" and self.attn_window is None:
+            raise ValueError("write = 'evicted' needs attn_window: without a window no token is ever evicted")
+        if self.gate_source != "const" and self.gate != "learned":
+            raise ValueError(f"gate_source = {self.gate_source!r} needs gate = 'learned'")
+        if self.gate_source != "const" and self.gate_granularity != "head":
+            raise ValueError(f"gate_source = {self.gate_source!r} gives one gate per token and head; "
+                             "set gate_granularity = 'head'")
+        return self
+
+    @property
+    def sinks(self) -> int:
+        """The number of sink tokens in force: ``attn_sinks``, or 4 when a window is set and it is None."""
+        if self.attn_window is None:
+            return 0
+        return DEFAULT_SINKS if self.attn_sinks is None else int(self.attn_sinks)
 
 
 class LoraConfig(BaseModel):

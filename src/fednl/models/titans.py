@@ -30,7 +30,9 @@ k = v = 0) and the softmax path honours the mask. Streaming (``StreamingLM``) in
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,18 +107,60 @@ class Decay(nn.Module):
         return {"a_proj.weight": "rule", "A_log": "rule", "dt_bias": "rule"}
 
 
+class TokenGate(nn.Module):
+    """Per-token, per-head Memory-as-Gate ``g_t,h = sigmoid(<w_h, z_t,h> + b_h)`` (``[B, T, H, 1]``).
+
+    ``source="query"``: ``z`` is the normalised query head ``q̂_t,h`` (``w`` is ``[H, D]``); ``"input"``: ``z`` is the
+    layer input ``x_t`` shared by all heads (``w`` is ``[H, hidden]``). ``w`` starts at zero and ``b`` at
+    ``logit(gate_init)``, so at initialisation the gate is the constant ``gate_init`` of the paper's design.
+    """
+
+    def __init__(self, source: str, width: int, num_heads: int, gate_init: float, dtype: torch.dtype, device: Any = None):
+        super().__init__()
+        self.source = source
+        self.weight = nn.Parameter(torch.zeros(num_heads, width, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.full((num_heads,), _logit(gate_init), dtype=dtype, device=device))
+
+    def forward(self, q_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.source == "query":
+            z = (q_hat * self.weight).sum(-1)  # [B, T, H]
+        else:
+            z = x @ self.weight.t()
+        return torch.sigmoid(z + self.bias).unsqueeze(-1)
+
+    def fednl_param_groups(self) -> dict[str, str]:
+        return {"weight": "gate", "bias": "gate"}
+
+
 @dataclass
 class LayerStream:
-    """Streaming state of one converted layer: memory ``state`` ``[B, H, Dk, Dv]``, the last ``window - 1``
-    post-RoPE keys/values ``[B, Hkv, L, D]`` (all of them when the window is None) and tokens seen so far."""
+    """Streaming state of one converted layer: memory ``state`` ``[B, H, Dk, Dv]``; the post-RoPE keys/values the
+    softmax path still sees, ``k``/``v`` ``[B, Hkv, L, D]`` at absolute positions ``k_pos`` ``[L]`` (the sink tokens
+    plus the last ``window - 1``; all of them when the window is None); with ``write = "evicted"``, the last
+    ``window`` tokens' memory inputs not yet written (``pending``: k̂, v, β, g); and the tokens seen so far.
+    Everything is bounded by ``sinks + 2 window`` tokens when a window is set."""
 
     state: torch.Tensor | None = None
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+    pending: tuple[torch.Tensor, ...] | None = None
     pos: int = 0
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.state, self.k, self.v, *(self.pending or ())) if t is not None]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.state, self.k, self.v) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def detach_(self) -> None:
+        """Cut the autograd history (truncated BPTT between segments); values are kept."""
+        for name in ("state", "k", "v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.detach())
+        if self.pending is not None:
+            self.pending = tuple(t.detach() for t in self.pending)
 
 
 class TitansAttention(nn.Module):
@@ -136,12 +180,21 @@ class TitansAttention(nn.Module):
         self.hidden_size = self.q_proj.in_features
         self.memory_cfg = cfg
         self.window = cfg.attn_window
+        self.sinks = cfg.sinks
         self.gate_override: float | None = cfg.gate_override
+        self.memory_zero = False  # True: the memory output is forced to zero (the "zeroed-memory twin")
+        self.transfer = False  # True: attention-transfer mode (see forward)
+        self.transfer_loss: torch.Tensor | None = None
         self.stream: LayerStream | None = None
         w = self.q_proj.weight
         dtype, device = w.dtype, w.device
         H, D = self.num_heads, self.head_dim
-        if cfg.gate == "learned":
+        self.token_gate: TokenGate | None = None
+        if cfg.gate == "learned" and cfg.gate_source != "const":
+            width = D if cfg.gate_source == "query" else self.hidden_size
+            self.token_gate = TokenGate(cfg.gate_source, width, H, cfg.gate_init, dtype, device)
+            self.gate_logit = None
+        elif cfg.gate == "learned":
             n = H if cfg.gate_granularity == "head" else H * D
             self.gate_logit = nn.Parameter(torch.full((n,), _logit(cfg.gate_init), dtype=dtype, device=device))
         else:
@@ -157,10 +210,15 @@ class TitansAttention(nn.Module):
         return {"gate_logit": "gate"} if self.gate_logit is not None else {}
 
     # ------------------------------------------------------------------ gate
-    def gate(self) -> torch.Tensor | float:
-        """The mixing weight of the memory path: a float, or ``[H, 1]`` / ``[H, D]`` broadcastable to ``[B,T,H,D]``."""
+    def gate(self, q_hat: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor | float:
+        """The mixing weight of the memory path: a float, ``[H, 1]`` / ``[H, D]`` or (per-token gate, given the
+        normalised query ``q_hat`` and the input ``x``) ``[B, T, H, 1]``, broadcastable to ``[B, T, H, D]``."""
         if self.gate_override is not None:
             return float(self.gate_override)
+        if self.token_gate is not None:
+            if q_hat is None or x is None:
+                raise ValueError("a per-token gate needs the normalised query and the layer input")
+            return self.token_gate(q_hat, x)
         if self.gate_logit is None:
             return float(self.memory_cfg.gate_fixed_value)
         g = torch.sigmoid(self.gate_logit)
@@ -175,11 +233,14 @@ class TitansAttention(nn.Module):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
-            raise ValueError(
-                "a converted (Titans) model keeps its own memory state and window cache; "
-                "use fednl.models.streaming.StreamingLM instead of a filled HF past_key_values cache"
-            )
+        # HF hands the KV cache down as ``past_key_values`` (older transformers) or ``cache`` (its newer name):
+        # refuse a filled one under either name.
+        for hf_cache in (past_key_values, kwargs.get("cache")):
+            if hf_cache is not None and hf_cache.get_seq_length(self.layer_idx) > 0:
+                raise ValueError(
+                    "a converted (Titans) model keeps its own memory state and window cache; "
+                    "use fednl.models.streaming.StreamingLM instead of a filled HF past_key_values cache"
+                )
         if position_embeddings is None:
             raise ValueError("TitansAttention needs position_embeddings (cos, sin) from the HF model")
         B, T, _ = hidden_states.shape
@@ -200,10 +261,29 @@ class TitansAttention(nn.Module):
             valid = _valid_positions(attention_mask, T)
         o_soft = o_soft.transpose(1, 2)  # [B, T, H, D]
 
-        o_mem = self._memory(hidden_states, q, k, v, valid)
-        g = self.gate()
-        o = g * o_mem + (1.0 - g) * o_soft
-        return self.o_proj(o.reshape(B, T, H * D)), None
+        q_hat = F.normalize(q, dim=-1)
+        o_mem = self._memory(hidden_states, q_hat, k, v, valid)
+        if self.memory_zero:
+            o_mem = torch.zeros_like(o_mem)
+        g = self.gate(q_hat, hidden_states)
+        if self.memory_cfg.mix == "residual":
+            o = o_soft + g * o_mem
+        else:
+            o = g * o_mem + (1.0 - g) * o_soft
+        out = self.o_proj(o.reshape(B, T, H * D))
+        if self.transfer and self.stream is None:
+            # Attention transfer (LoLCATs stage 1): the teacher is this layer's full causal softmax attention on the
+            # same input; the layer's loss is the MSE of its output to the teacher's, and the teacher's output is
+            # what flows on, so every layer learns from the frozen model's own hidden states.
+            with torch.no_grad():
+                o_full = softmax_attention(q_rot, k_rot, v_t, scale=self.scaling, causal=True).transpose(1, 2)
+                teacher = self.o_proj(o_full.reshape(B, T, H * D))
+            err = (out - teacher).float().pow(2)
+            if valid is not None:
+                err = err[valid]
+            self.transfer_loss = err.mean()
+            return teacher, None
+        return out, None
 
     def _softmax(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
@@ -213,7 +293,7 @@ class TitansAttention(nn.Module):
         if self.window is None and attention_mask is None:
             return softmax_attention(q, k, v, scale=self.scaling, causal=True, dropout=p)
         pos = torch.arange(T, device=q.device)
-        mask = band_mask(pos, pos, self.window)
+        mask = band_mask(pos, pos, self.window, self.sinks)
         if attention_mask is not None:
             mask = mask & _as_bool_mask(attention_mask)
         return softmax_attention(q, k, v, scale=self.scaling, mask=mask, dropout=p)
@@ -222,30 +302,35 @@ class TitansAttention(nn.Module):
         st = self.stream
         assert st is not None
         T = q.shape[2]
+        new_pos = torch.arange(st.pos, st.pos + T, device=q.device)
         if st.k is not None:
             if st.k.shape[0] != k.shape[0]:
                 raise ValueError(f"batch size changed mid-stream ({st.k.shape[0]} -> {k.shape[0]}); call reset()")
             k_all, v_all = torch.cat([st.k, k], dim=2), torch.cat([st.v, v], dim=2)
+            k_pos = torch.cat([st.k_pos, new_pos])
         else:
-            k_all, v_all = k, v
-        n_old = k_all.shape[2] - T
-        q_pos = torch.arange(st.pos, st.pos + T, device=q.device)
-        k_pos = torch.arange(st.pos - n_old, st.pos + T, device=q.device)
-        out = softmax_attention(q, k_all, v_all, scale=self.scaling, mask=band_mask(q_pos, k_pos, self.window))
-        if self.window is None:
-            st.k, st.v = k_all, v_all
-        elif self.window > 1:
-            keep = self.window - 1
-            st.k, st.v = k_all[:, :, -keep:].clone(), v_all[:, :, -keep:].clone()  # clone: free the old buffer
-        else:
-            st.k = st.v = None
+            k_all, v_all, k_pos = k, v, new_pos
+        out = softmax_attention(
+            q, k_all, v_all, scale=self.scaling, mask=band_mask(new_pos, k_pos, self.window, self.sinks)
+        )
         st.pos += T
+        if self.window is None:
+            st.k, st.v, st.k_pos = k_all, v_all, k_pos
+        else:  # keep the sinks and the last window - 1 tokens: what the next query can still see
+            keep = (k_pos < self.sinks) | (k_pos > st.pos - self.window)
+            if bool(keep.all()):
+                st.k, st.v, st.k_pos = k_all, v_all, k_pos
+            elif bool(keep.any()):
+                idx = keep.nonzero().squeeze(1)  # index_select copies: the old buffer is freed
+                st.k, st.v, st.k_pos = k_all.index_select(2, idx), v_all.index_select(2, idx), k_pos[idx]
+            else:
+                st.k = st.v = st.k_pos = None
         return out
 
     def _memory(
         self,
         x: torch.Tensor,
-        q: torch.Tensor,
+        q_hat: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         valid: torch.Tensor | None,
@@ -254,13 +339,14 @@ class TitansAttention(nn.Module):
 
         cfg = self.memory_cfg
         n_rep = self.num_key_value_groups
-        q_hat = F.normalize(q, dim=-1)
         k_hat = F.normalize(k, dim=-1)
         if n_rep > 1:  # query head h reads key/value head h // n_rep
             k_hat = k_hat.repeat_interleave(n_rep, dim=2)
             v = v.repeat_interleave(n_rep, dim=2)
         beta = self.beta(k_hat, x)
         g = self.decay(x) if self.decay is not None else None
+        if g is None and cfg.write == "evicted":
+            g = torch.zeros_like(beta)  # the delayed write carries g alongside k, v, beta
         if valid is not None:  # padded positions write nothing and forget nothing
             m = valid[:, :, None]
             k_hat = torch.where(m[..., None], k_hat, torch.zeros_like(k_hat))
@@ -268,6 +354,8 @@ class TitansAttention(nn.Module):
             beta = torch.where(m, beta, torch.zeros_like(beta))
             if g is not None:
                 g = torch.where(m, g, torch.zeros_like(g))
+        if cfg.write == "evicted":
+            k_hat, v, beta, g = self._evicted_writes(k_hat, v, beta, g)
         if self.stream is not None:  # streaming: carry the state (memory_step picks its own chunking)
             o, self.stream.state = memory.memory_step(
                 q_hat, k_hat, v, beta, self.stream.state, g=g, scale=cfg.scale, rule=cfg.rule
@@ -280,11 +368,40 @@ class TitansAttention(nn.Module):
         )  # fmt: skip
         return o
 
+    def _evicted_writes(
+        self, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Delay every write by the window: step ``t`` writes token ``t - W`` (the one leaving the window), so the
+        memory read at ``t`` holds exactly the tokens the softmax path cannot see. Sink tokens are never written.
+
+        In a full forward the missing first ``W`` writes are zeros (β = 0, g = 0); in a stream the last ``W``
+        tokens' inputs wait in ``stream.pending`` for the next call.
+        """
+        W = int(self.window)  # type: ignore[arg-type]
+        B, T = beta.shape[:2]
+        st = self.stream
+        start = st.pos - T if st is not None else 0  # _stream_softmax already advanced the position
+        pos = torch.arange(start, start + T, device=beta.device)
+        beta = beta * (pos >= self.sinks).to(beta.dtype)[None, :, None]
+        new = (k, v, beta, g)
+        if st is not None and st.pending is not None:
+            if st.pending[0].shape[0] != B:
+                raise ValueError(f"batch size changed mid-stream ({st.pending[0].shape[0]} -> {B}); call reset()")
+            prev = st.pending
+        else:
+            prev = tuple(torch.zeros((B, W, *t.shape[2:]), dtype=t.dtype, device=t.device) for t in new)
+        cand = tuple(torch.cat([a, b], dim=1) for a, b in zip(prev, new))  # tokens start - W .. start + T - 1
+        if st is not None:
+            st.pending = tuple(c[:, T:].clone() for c in cand)
+        k, v, beta, g = (c[:, :T] for c in cand)
+        return k, v, beta, g
+
     def extra_repr(self) -> str:
         c = self.memory_cfg
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rule={c.rule}, "
-            f"decay={c.decay}, gate={c.gate}/{c.gate_granularity}, window={self.window}"
+            f"decay={c.decay}, gate={c.gate}/{c.gate_granularity}/{c.gate_source}, window={self.window}, "
+            f"sinks={self.sinks}, write={c.write}, mix={c.mix}"
         )
 
 
@@ -376,6 +493,42 @@ def convert_to_titans(model: nn.Module, cfg: MemoryConfig, seed: int = 0) -> nn.
 def titans_layers(model: nn.Module) -> list[TitansAttention]:
     """All :class:`TitansAttention` modules of ``model`` in layer order (empty for an unconverted model)."""
     return [m for m in model.modules() if isinstance(m, TitansAttention)]
+
+
+def set_memory_zero(model: nn.Module, value: bool) -> None:
+    """Force the memory output of every converted layer to zero (``True``) or let it through (``False``): the
+    zeroed-memory twin keeps everything else, including the gate (so with ``mix = "convex"`` the softmax path is
+    still scaled by ``1 - g``)."""
+    layers = titans_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no converted (Titans) attention layers")
+    for layer in layers:
+        layer.memory_zero = bool(value)
+
+
+@contextlib.contextmanager
+def attention_transfer(model: nn.Module) -> Iterator[list[TitansAttention]]:
+    """Within the block every converted layer runs in attention-transfer mode: it passes on its frozen full-attention
+    teacher's output and leaves ``layer.transfer_loss`` (the MSE of its hybrid output to the teacher's). Yields the
+    layers; :func:`transfer_loss` sums their losses after a forward."""
+    layers = titans_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no converted (Titans) attention layers")
+    for layer in layers:
+        layer.transfer, layer.transfer_loss = True, None
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.transfer, layer.transfer_loss = False, None
+
+
+def transfer_loss(layers: list[TitansAttention]) -> torch.Tensor:
+    """Sum over layers of the attention-transfer losses of the last forward (inside :func:`attention_transfer`)."""
+    losses = [layer.transfer_loss for layer in layers]
+    if any(x is None for x in losses):
+        raise RuntimeError("no attention-transfer loss recorded: run a forward inside attention_transfer(model)")
+    return torch.stack([x for x in losses if x is not None]).sum()
 
 
 def set_gate_override(model: nn.Module, value: float | None) -> None:
