@@ -37,7 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, 
 
 from fednl.data.config import TASK_NAMES, TaskConfig
 from fednl.engine.atomic import atomic_write_text
+from fednl.engine.codecs import WireSpec
 from fednl.engine.flower_settings import FlowerResources
+from fednl.engine.server_opt import SERVER_OPT_NAMES, ServerOptConfig
 from fednl.models.config import LoraConfig, MemoryConfig, ModelConfig
 from fednl.strategies import get_strategy
 
@@ -138,13 +140,22 @@ class TrainConfig(BaseModel):
 
 
 class EngineConfig(BaseModel):
-    """The simulator. ``eval_every=0`` evaluates only after the last round (which is always evaluated)."""
+    """The simulator. ``eval_every=0`` evaluates only after the last round (which is always evaluated).
+
+    ``wire_up`` / ``wire_down`` pick a codec per direction (:class:`fednl.engine.codecs.WireSpec`: ``"fp16"``,
+    ``"int8"``, ``"int8-row"``, ``"topk-0.01"`` ...); unset, a direction casts to ``wire_dtype``. ``max_bytes``
+    ends the run cleanly after the last round that fits in that many bytes of traffic (both directions).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     wire_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    wire_up: WireSpec | None = None
+    wire_down: WireSpec | None = None
+    max_bytes: int | None = Field(None, ge=1)
     eval_every: int = Field(0, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)  # default: train.batch_size
+    eval_seq_len: int | None = Field(None, ge=2)  # default: train.seq_len (evaluate longer streams than you train on)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads (default: torch's choice)
     progress: bool = True  # progress bar over clients (only on a terminal)
@@ -212,7 +223,15 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     flower: FlowerResources = Field(default_factory=FlowerResources)  # Ray resources of `fednl flower simulate`
+    server_opt: ServerOptConfig | None = None  # outer optimiser on the aggregate (fednl.engine.server_opt)
     out: str | None = None  # output directory (the CLI's --out wins)
+
+    @model_validator(mode="after")
+    def _server_opt_fits_method(self) -> RunConfig:
+        if self.server_opt is not None and not get_strategy(self.method.name).accepts_server_opt:
+            raise _NestedError([("server_opt", f"method {self.method.name!r} makes its own server update; "
+                                               "it takes no server optimiser (drop [server_opt])")])
+        return self
 
     def strategy_options(self) -> BaseModel:
         return self.method.options
@@ -223,6 +242,9 @@ class RunConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- errors
+_UNION_TAGS = {("task", n) for n in TASK_NAMES} | {("server_opt", n) for n in SERVER_OPT_NAMES}
+
+
 def _loc(loc: Sequence[Any]) -> str:
     parts: list[str] = []
     for p in loc:
@@ -237,7 +259,7 @@ def _format_validation(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in exc.errors():
         raw = tuple(e["loc"])
-        if len(raw) > 1 and raw[0] == "task" and raw[1] in TASK_NAMES:  # drop the union tag: task.niah7.x -> task.x
+        if len(raw) > 1 and (raw[0], raw[1]) in _UNION_TAGS:  # drop the union tag: task.niah7.x -> task.x
             raw = (raw[0], *raw[2:])
         loc = _loc(raw)
         err = (e.get("ctx") or {}).get("error")

@@ -51,7 +51,8 @@ def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Sim
     strategy = strategy_cls(cfg.method.options, groups=param_groups(model))
     task = build_task(cfg.task, tokenizer, cfg.seed)
     spec = RunSpec(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
-                   method=cfg.method.name, model_name=f"{cfg.model.source}/{kind}", config=cfg.to_dict())
+                   method=cfg.method.name, model_name=f"{cfg.model.source}/{kind}", config=cfg.to_dict(),
+                   server_opt=cfg.server_opt)
     return Simulator(model, tokenizer, task, strategy, spec, log=log)
 
 
@@ -67,7 +68,7 @@ def run_config(cfg: RunConfig, out: str | Path, *, resume: bool = False, log: Lo
             out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, out)
         log(f"== {cfg.method.name} | model {sim.spec.model_name} | task {sim.task.name} | "
-            f"{len(sim.client_names)} clients | {cfg.rounds} rounds | wire {cfg.engine.wire_dtype} | "
+            f"{len(sim.client_names)} clients | {cfg.rounds} rounds | wire {wire_label(sim)} | "
             f"{torch.get_num_threads()} threads | out {out}")
         results = sim.run(resume=resume)
         assert results is not None
@@ -76,6 +77,13 @@ def run_config(cfg: RunConfig, out: str | Path, *, resume: bool = False, log: Lo
         torch.set_num_threads(threads)
         gc.collect()
     return results
+
+
+def wire_label(sim: Simulator) -> str:
+    """``"fp32"`` when both directions use one codec, else ``"↑int8 ↓fp16"``; plus the server optimiser."""
+    up, down = sim.wire.label("up"), sim.wire.label("down")
+    text = up if up == down else f"↑{up} ↓{down}"
+    return text + (f" | server_opt {sim.spec.server_opt.name}" if sim.spec.server_opt is not None else "")
 
 
 def run_dirs(cfgs: Sequence[RunConfig], out: Path) -> list[Path]:

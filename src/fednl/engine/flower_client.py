@@ -69,8 +69,7 @@ def handle_train(msg: Message, ctx: Context) -> Message:
     store = _state_store(node, run)
     state = store.load_before(run.round, cid)
     down = decode_payload(msg.content)
-    up, num_examples, metrics = train_client(rt, cid, down, state, run.round, run.seed_gen, run.seed_torch,
-                                             run.wire_dtype)
+    up, num_examples, metrics = train_client(rt, cid, down, state, run.round, run.seed_gen, run.seed_torch)
     store.save(run.round, state)
     content = encode_payload(up)
     content[REPLY] = MetricRecord({"num-examples": int(num_examples), **{k: float(v) for k, v in metrics.items()}})

@@ -4,9 +4,9 @@ The node builds the very same :class:`~fednl.engine.simulator.Simulator` that ``
 (:func:`fednl.engine.experiment.build_simulator`, from the resolved config the message carries; cached per
 process) and runs one client through it:
 
-* :func:`train_client` — :meth:`Simulator.train_client <fednl.engine.simulator.Simulator.train_client>` (the
-  body of the simulator's per-client loop) with the server-chosen seeds (a torch generator for shuffling, and a
-  forked, seeded global torch RNG) on the wire-decoded payload, and the reply wire-encoded in the run's wire dtype;
+* :func:`train_client` — :meth:`Simulator.client_round <fednl.engine.simulator.Simulator.client_round>` (the
+  body of the simulator's per-client loop: decode with the run's wire, train, encode the reply) with the
+  server-chosen seeds (a torch generator for shuffling, and a forked, seeded global torch RNG);
 * :func:`evaluate_client` — :meth:`Simulator.evaluate_client <fednl.engine.simulator.Simulator.evaluate_client>`
   with the strategy's server state installed first, so personalising strategies (``eval_params``) see what the
   server knows.
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from fednl.client.state import ClientState
-from fednl.engine import wire
 from fednl.engine.flower_protocol import config_sha
 from fednl.engine.runstate import RunState
 from fednl.engine.simulator import Simulator
@@ -71,13 +70,15 @@ def runtime_for(config_json: str, sha: str) -> Runtime:
 
 
 def train_client(rt: Runtime, cid: str, down: Payload, state: ClientState, rnd: int, seed_gen: int,
-                 seed_torch: int, wire_dtype: str) -> tuple[Payload, int, dict[str, float]]:
+                 seed_torch: int) -> tuple[Payload, int, dict[str, float]]:
     """One local round of client ``cid`` on the wire payload ``down``; returns the wire-encoded reply payload,
-    N_k and the training metrics. ``state`` is updated in place (the caller persists it)."""
+    N_k and the training metrics. ``state`` (with the client's wire state) is updated in place (the caller
+    persists it)."""
     sim = rt.sim
-    reply = sim.train_client(rnd, cid, wire.decode(down), state, initial_local=sim.initial_local,
-                             seeds=(int(seed_gen), int(seed_torch)))
-    return wire.encode(reply.payload, wire_dtype), reply.num_examples, dict(reply.metrics)
+    sim.wire.check(down, "down")
+    up, reply = sim.client_round(rnd, cid, down, state, initial_local=sim.initial_local,
+                                 seeds=(int(seed_gen), int(seed_torch)))
+    return up, reply.num_examples, dict(reply.metrics)
 
 
 def evaluate_client(rt: Runtime, cid: str, global_params: Params, state: ClientState, server_tensors: Params,

@@ -29,7 +29,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json
 from fednl.engine.flower_codec import MessageBytes, decode_payload, encode_payload, message_bytes, tensors_to_record
 from fednl.engine.flower_protocol import (
@@ -46,7 +45,7 @@ from fednl.engine.flower_protocol import (
 )
 from fednl.engine.runstate import RunState
 from fednl.engine.simulator import Simulator
-from fednl.strategies.base import ClientReply
+from fednl.strategies.base import ClientReply, Payload
 
 FLOWER_JSON = "flower.json"
 NODE_STATE_DIR = "node-state"
@@ -204,11 +203,12 @@ class FlowerEngine(Simulator):
     def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
         self._rnd = rnd
         chosen, seeds = self._sample_round(rnd, state, rng)
-        dtype = self.spec.engine.wire_dtype
         msgs = []
+        received: dict[str, Payload | None] = {}
         for cid in chosen:
-            down = wire.encode(self.strategy.configure_train(rnd, cid, state.global_params), dtype)
-            state.ledger.record(rnd, cid, "down", down, self.index, dtype)
+            payload = self.strategy.configure_train(rnd, cid, state.global_params)
+            down, received[cid] = self.wire.encode_down(cid, payload, state.engine_tensors)
+            self._send(state, rnd, cid, "down", down)
             content = encode_payload(down)
             content[RUN] = self._run_record("train", rnd, cid, seed_gen=seeds[cid][0], seed_torch=seeds[cid][1])
             self.hops.add(rnd, cid, "train", "down", message_bytes(content))
@@ -221,15 +221,16 @@ class FlowerEngine(Simulator):
         for cid in chosen:  # the sampling order, as in-process: aggregation sums in the same order
             content = answers[cid].content
             up = decode_payload(content)
-            for n, t in up.tensors.items():
-                if t.is_floating_point() and t.dtype != wire.wire_dtype(dtype):
-                    raise FlowerRunError(f"client {cid}: {n} arrived as {t.dtype}, the wire dtype is {dtype}")
+            try:
+                self.wire.check(up, "up")
+            except ValueError as exc:
+                raise FlowerRunError(f"client {cid}: {exc}") from None
             stats = dict(content[REPLY])
             num_examples = int(stats.pop("num-examples"))
-            state.ledger.record(rnd, cid, "up", up, self.index, dtype)
             self.hops.add(rnd, cid, "train", "up", message_bytes(content))
-            replies.append(ClientReply(cid, wire.decode(up, like=state.global_params), num_examples,
-                                       {k: float(v) for k, v in stats.items()}))
+            self._send(state, rnd, cid, "up", up)
+            replies.append(ClientReply(cid, self.wire.decode_up(up, received[cid], like=state.global_params),
+                                       num_examples, {k: float(v) for k, v in stats.items()}))
         self._save_flower_json()
         return replies, chosen
 
@@ -256,6 +257,10 @@ class FlowerEngine(Simulator):
         return out
 
     # ------------------------------------------------------------------ bookkeeping
+    def _rolled_back(self, state: RunState) -> None:
+        super()._rolled_back(state)
+        self._rnd = state.round  # nodes then evaluate the client state they saved after that round
+
     def _start(self, resume: bool) -> tuple[RunState, random.Random]:
         state, rng = super()._start(resume)
         if resume:

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from fednl.engine.wire import encode, tensor_bytes
+from fednl.client.state import ClientState
+from fednl.engine.codecs import VALUE_PARTS, WireSpec, base_name, part_name
+from fednl.engine.wire import Wire, tensor_bytes
 from fednl.strategies.base import Payload, Strategy
 
 DIRECTIONS = ("up", "down")
@@ -27,9 +29,9 @@ class LedgerEntry:
     cid: str
     direction: str  # "down" = server -> client, "up" = client -> server
     group: str
-    dtype: str
-    numel: int
-    bytes: int
+    dtype: str  # the direction's codec label: "fp32", "bf16", "int8-row", "topk-0.01" ...
+    numel: int  # values carried (cast entries, int8 codes, top-k values); not indices, scales or shapes
+    bytes: int  # every byte of the encoded tensors: values + indices + scales + shapes
 
 
 def group_index(groups: Mapping[str, set[str]]) -> dict[str, str]:
@@ -51,13 +53,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ recording
     def record(self, rnd: int, cid: str, direction: str, payload: Payload, index: Mapping[str, str], dtype: str) -> int:
-        """Record an already wire-encoded payload; returns its bytes."""
+        """Record an already wire-encoded payload (a codec's ``"<name>|<part>"`` tensors count for ``<name>``'s
+        group); returns its bytes. ``dtype`` is the codec label."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         per_group: dict[str, list[int]] = {}
         for n, t in payload.tensors.items():
-            acc = per_group.setdefault(index.get(n, OTHER_GROUP), [0, 0])
-            acc[0] += t.numel()
+            acc = per_group.setdefault(index.get(base_name(n), OTHER_GROUP), [0, 0])
+            acc[0] += t.numel() if part_name(n) in VALUE_PARTS else 0
             acc[1] += tensor_bytes(t)
         for g in sorted(per_group):
             numel, nbytes = per_group[g]
@@ -129,22 +132,31 @@ class Ledger:
 
 
 def strategy_round_bytes(
-    strategy: Strategy, model: torch.nn.Module, wire_dtype: str, *, clients: int = 1
+    strategy: Strategy, model: torch.nn.Module, wire_dtype: str | WireSpec, *, clients: int = 1,
+    wire_up: str | WireSpec | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Bytes one round of ``strategy`` moves for ``model``: the payloads are built and counted.
+    """Bytes one round of ``strategy`` moves for ``model``: the payloads are built, encoded and counted.
 
     Down: ``configure_train`` on the initial global parameters; up: ``client_reply``'s names (the shared
-    parameters at their current values). Returns ``{group: {"bytes_up", "bytes_down", "numel"}}`` plus a
-    ``"total"`` entry, multiplied by ``clients``.
+    parameters at their current values). ``wire_dtype`` is the downlink codec (a label such as ``"fp32"`` or
+    ``"int8-row"``) and, unless ``wire_up`` is given, the uplink one too. A top-k downlink is counted for a
+    returning client (a client's first round receives the payload dense). Returns
+    ``{group: {"bytes_up", "bytes_down", "numel"}}`` plus a ``"total"`` entry, multiplied by ``clients``.
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     index = group_index(strategy.groups)
     global_params = strategy.init_server(params)
-    down = encode(strategy.configure_train(1, "probe", global_params), wire_dtype)
-    up = encode(Payload({n: params[n] for n in sorted(strategy.shared_names())}), wire_dtype)
+    wire = Wire(wire_up if wire_up is not None else wire_dtype, wire_dtype)
+    store: dict[str, torch.Tensor] = {}
+    payload = strategy.configure_train(1, "probe", global_params)
+    if wire.down.stateful:  # the steady state: the probe client already holds the payload
+        wire.encode_down("probe", payload, store)
+    down, received = wire.encode_down("probe", payload, store)
+    reply = Payload({n: params[n] for n in sorted(strategy.shared_names())})
+    up = wire.encode_up(reply, received if received is not None else Payload({}), ClientState("probe"))
     ledger = Ledger()
-    ledger.record(1, "probe", "down", down, index, wire_dtype)
-    ledger.record(1, "probe", "up", up, index, wire_dtype)
+    ledger.record(1, "probe", "down", down, index, wire.label("down"))
+    ledger.record(1, "probe", "up", up, index, wire.label("up"))
     out: dict[str, dict[str, int]] = {}
     for e in ledger.entries:
         rec = out.setdefault(e.group, {"bytes_up": 0, "bytes_down": 0, "numel": 0})

@@ -9,6 +9,8 @@ Layout under ``<out>/checkpoint/``::
       global.safetensors        global (shared) parameters
       initial_local.safetensors starting values of the local parameters (a client's first round)
       server.safetensors/.json  strategy server state
+      engine.safetensors/.json  engine server state: server optimiser (``opt|...``), top-k wire copies
+                                (``wire|...``); absent from checkpoints written before they existed
       rng.safetensors           torch RNG state(s)
       clients/c0000.safetensors/.json ...   every client's ClientState
 
@@ -51,6 +53,8 @@ class RunState:
     clients: dict[str, ClientState]
     server_tensors: Params = field(default_factory=dict)
     server_info: dict[str, Any] = field(default_factory=dict)
+    engine_tensors: Params = field(default_factory=dict)  # server optimiser and wire state (not the strategy's)
+    engine_info: dict[str, Any] = field(default_factory=dict)
     python_random: Any = None  # random.Random.getstate()
     torch_rng: torch.Tensor | None = None  # torch.get_rng_state()
     schedule: list[dict[str, Any]] = field(default_factory=list)
@@ -107,6 +111,8 @@ def save_checkpoint(root: str | os.PathLike[str], state: RunState, *, keep: int 
     put("initial_local.safetensors", _tensor_blob(state.initial_local))
     put("server.safetensors", _tensor_blob(state.server_tensors))
     put("server.json", (json.dumps(state.server_info, sort_keys=True, indent=2) + "\n").encode())
+    put("engine.safetensors", _tensor_blob(state.engine_tensors))
+    put("engine.json", (json.dumps(state.engine_info, sort_keys=True, indent=2) + "\n").encode())
     rng = {} if state.torch_rng is None else {"torch_cpu": state.torch_rng}
     put("rng.safetensors", _tensor_blob(rng))
     run = {
@@ -188,6 +194,7 @@ def load_checkpoint(root: str | os.PathLike[str]) -> RunState:
     try:
         run = json.loads(_verified(path, "run.json", files))
         server_info = json.loads(_verified(path, "server.json", files))
+        engine_info = json.loads(_verified(path, "engine.json", files)) if "engine.json" in files else {}
     except json.JSONDecodeError as exc:
         raise ValueError(f"corrupted checkpoint {path}: bad JSON ({exc})") from None
     clients: dict[str, ClientState] = {}
@@ -203,6 +210,8 @@ def load_checkpoint(root: str | os.PathLike[str]) -> RunState:
         clients=clients,
         server_tensors=_tensors(path, "server.safetensors", files),
         server_info=server_info,
+        engine_tensors=_tensors(path, "engine.safetensors", files) if "engine.safetensors" in files else {},
+        engine_info=engine_info,
         python_random=None if run["python_random"] is None else _random_state_from_json(run["python_random"]),
         torch_rng=rng.get("torch_cpu"),
         schedule=list(run["schedule"]),

@@ -10,6 +10,11 @@ Determinism: client sampling uses a seeded :class:`random.Random` whose state is
 ``sha256(seed, round, cid)``, so the result does not depend on what ran before in the process. After every
 round the full run state is checkpointed (:mod:`fednl.engine.runstate`), and ``resume=True`` continues from the
 newest checkpoint to a bit-identical end.
+
+Every payload crosses :class:`~fednl.engine.wire.Wire` (the run's codec per direction) and is counted by the
+ledger; ``engine.max_bytes`` ends the run after the last round whose traffic fits (the round that would cross it
+is discarded and the run rolls back to the checkpoint before it). ``[server_opt]`` puts an outer optimiser on
+the strategy's aggregate (:mod:`fednl.engine.server_opt`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from tqdm import tqdm
 
 from fednl.client.state import ClientState
 from fednl.client.trainer import run_client_round
-from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json, atomic_write_text
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
-from fednl.eval.metrics import PRIMARY_METRIC, evaluate_examples
+from fednl.engine.server_opt import server_step
+from fednl.engine.wire import Wire, payload_bytes
+from fednl.eval.metrics import PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
 
 if TYPE_CHECKING:
@@ -43,7 +49,7 @@ if TYPE_CHECKING:
 COUNT_KEYS = frozenset({"n", "tokens"})  # per-client counts, not averaged into "mean"
 # settings a resume may change: they affect speed, logging or evaluation, never the trained parameters
 RESUME_MUTABLE = ("rounds", "out", "description", "engine.progress", "engine.device", "engine.threads",
-                  "engine.eval_every", "engine.eval_batch_size")
+                  "engine.eval_every", "engine.eval_batch_size", "engine.max_bytes")
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -107,6 +113,15 @@ class RunSpec:
     method: str
     model_name: str
     config: dict[str, Any] = field(default_factory=dict)  # resolved config (JSON form), checked on resume
+    server_opt: Any = None  # a fednl.engine.server_opt.ServerOptConfig, or None (the aggregate is the new global)
+
+
+class BudgetExhausted(Exception):
+    """A message would take the run's traffic past ``engine.max_bytes``."""
+
+    def __init__(self, rnd: int, cid: str, direction: str, nbytes: int, spent: int, limit: int):
+        self.rnd, self.cid, self.direction, self.nbytes, self.spent, self.limit = rnd, cid, direction, nbytes, spent, limit
+        super().__init__(f"round {rnd}: {direction} payload of {cid} ({nbytes} B) after {spent} B > max_bytes {limit}")
 
 
 class Simulator:
@@ -125,6 +140,7 @@ class Simulator:
         self.data = {c.name: c for c in task.clients}
         self.index = group_index(strategy.groups)
         self.device = next(iter(model.parameters())).device
+        self.wire = Wire.from_engine(spec.engine)
         self.out = Path(spec.out)
         self.ckpt_dir = self.out / "checkpoint"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -179,7 +195,7 @@ class Simulator:
             state = RunState(state.round, state.global_params, state.initial_local, {cid: client})
         self.install_client(cid, state.global_params, state)
         bs = int(self.spec.engine.eval_batch_size or self.spec.train.batch_size)
-        return evaluate_examples(self.model, self.tokenizer, examples, seq_len=int(self.spec.train.seq_len),
+        return evaluate_examples(self.model, self.tokenizer, examples, seq_len=eval_seq_len(self.spec),
                                  batch_size=bs)
 
     # ------------------------------------------------------------------ one client's local round
@@ -203,7 +219,23 @@ class Simulator:
                 self.spec.train, rnd, gen, initial_local=initial_local,
             )
 
+    def client_round(self, rnd: int, cid: str, down: Payload, client: ClientState, *, initial_local: Params,
+                     seeds: tuple[int, int] | None = None) -> tuple[Payload, ClientReply]:
+        """Client ``cid``'s whole side of round ``rnd``: decode the wire payload ``down`` (:class:`Wire`, with the
+        client's wire state), :meth:`train_client`, encode the reply. Returns ``(wire reply, reply)``."""
+        received = self.wire.decode_down(down, client)
+        reply = self.train_client(rnd, cid, received, client, initial_local=initial_local, seeds=seeds)
+        return self.wire.encode_up(reply.payload, received, client), reply
+
     # ------------------------------------------------------------------ one round
+    def _send(self, state: RunState, rnd: int, cid: str, direction: str, payload: Payload) -> None:
+        """Count a wire payload in the ledger, or raise :class:`BudgetExhausted` if it would cross the budget."""
+        limit = self.spec.engine.max_bytes
+        nbytes, spent = payload_bytes(payload), state.ledger.total()
+        if limit is not None and spent + nbytes > limit:
+            raise BudgetExhausted(rnd, cid, direction, nbytes, spent, int(limit))
+        state.ledger.record(rnd, cid, direction, payload, self.index, self.wire.label(direction))
+
     def _sample_round(self, rnd: int, state: RunState,
                       rng: random.Random) -> tuple[list[str], dict[str, tuple[int, int]]]:
         """The clients of round ``rnd`` (the strategy's sample, checked) and their :meth:`client_seeds`, recorded
@@ -219,18 +251,26 @@ class Simulator:
 
     def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
         chosen, seeds = self._sample_round(rnd, state, rng)
-        dtype = self.spec.engine.wire_dtype
         replies: list[ClientReply] = []
         show = bool(self.spec.engine.progress) and sys.stderr.isatty()
         for cid in tqdm(chosen, desc=f"round {rnd}", unit="client", leave=False, disable=not show):
-            down = wire.encode(self.strategy.configure_train(rnd, cid, state.global_params), dtype)
-            state.ledger.record(rnd, cid, "down", down, self.index, dtype)
-            reply = self.train_client(rnd, cid, wire.decode(down), state.clients[cid],
-                                      initial_local=state.initial_local, seeds=seeds[cid])
-            up = wire.encode(reply.payload, dtype)
-            state.ledger.record(rnd, cid, "up", up, self.index, dtype)
-            replies.append(ClientReply(cid, wire.decode(up, like=state.global_params), reply.num_examples, reply.metrics))
+            payload = self.strategy.configure_train(rnd, cid, state.global_params)
+            down, received = self.wire.encode_down(cid, payload, state.engine_tensors)
+            self._send(state, rnd, cid, "down", down)
+            up, reply = self.client_round(rnd, cid, down, state.clients[cid], initial_local=state.initial_local,
+                                          seeds=seeds[cid])
+            self._send(state, rnd, cid, "up", up)
+            replies.append(ClientReply(cid, self.wire.decode_up(up, received, like=state.global_params),
+                                       reply.num_examples, reply.metrics))
         return replies, chosen
+
+    def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState) -> Params:
+        """The strategy's aggregate, then the server optimiser's step on it (when ``[server_opt]`` is set)."""
+        aggregate = self.strategy.aggregate_train(rnd, replies, state.global_params)
+        if self.spec.server_opt is None:
+            return aggregate
+        return server_step(self.spec.server_opt, state.global_params, aggregate, state.engine_tensors,
+                           state.engine_info)
 
     # ------------------------------------------------------------------ the run
     def _start(self, resume: bool) -> tuple[RunState, random.Random]:
@@ -251,6 +291,7 @@ class Simulator:
         if set(state.clients) != set(self.client_names):
             raise ValueError(f"cannot resume {self.out}: checkpoint clients {sorted(state.clients)} != task clients")
         self.strategy.load_server_state(state.server_tensors, state.server_info)
+        state.info.pop("stopped", None)
         if state.python_random is not None:
             rng.setstate(state.python_random)
         if state.torch_rng is not None:
@@ -285,22 +326,23 @@ class Simulator:
             raise ValueError(f"checkpoint is at round {state.round}, beyond rounds={self.spec.rounds}")
         session_start = time.perf_counter()
         wall_before = float(state.info.get("wall_s", 0.0))
+        if self.spec.engine.max_bytes is not None and not resume:
+            save_checkpoint(self.ckpt_dir, state)  # round 0: what a budget stop in round 1 rolls back to
         for rnd in range(state.round + 1, self.spec.rounds + 1):
             t0 = time.perf_counter()
-            replies, chosen = self._round(rnd, state, rng)
-            state.global_params = self.strategy.aggregate_train(rnd, replies, state.global_params)
+            try:
+                replies, chosen = self._round(rnd, state, rng)
+            except BudgetExhausted as stop:
+                return self._stop_on_budget(stop, wall_before + time.perf_counter() - session_start)
+            state.global_params = self._aggregate(rnd, replies, state)
             state.server_tensors, state.server_info = self.strategy.server_state()
             weights = [r.num_examples for r in replies]
             loss = sum(r.metrics["train_loss"] * w for r, w in zip(replies, weights)) / sum(weights)
             records: list[dict[str, Any]] = []
             evals: dict[str, dict[str, float]] = {}
             if self._is_eval_round(rnd):
-                evals = self.evaluate(state)
-                state.info["last_eval"] = evals
-                state.info["last_eval_round"] = rnd
-                records += [{"type": "eval", "round": rnd, "client": c, **m} for c, m in evals.items()]
-                records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
-                            for c, m in self.evaluate_heldout(state).items()]
+                evals, eval_records = self._evaluate_round(rnd, state)
+                records += eval_records
             s_round = time.perf_counter() - t0
             up, down = state.ledger.total("up", rnd), state.ledger.total("down", rnd)
             peak = peak_memory_mb(self.device)
@@ -322,6 +364,42 @@ class Simulator:
         results = self.results(state)
         atomic_write_json(self.out / "results.json", results)
         self.state = state
+        return results
+
+    def _evaluate_round(self, rnd: int, state: RunState) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+        """Evaluate every client (and the held-out ones) after round ``rnd``; record it in ``state.info``."""
+        evals = self.evaluate(state)
+        state.info["last_eval"] = evals
+        state.info["last_eval_round"] = rnd
+        records = [{"type": "eval", "round": rnd, "client": c, **m} for c, m in evals.items()]
+        records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
+                    for c, m in self.evaluate_heldout(state).items()]
+        return evals, records
+
+    def _rolled_back(self, state: RunState) -> None:
+        """Called after a budget stop reloaded ``state`` (the end of its last complete round)."""
+        self.strategy.load_server_state(state.server_tensors, state.server_info)
+
+    def _stop_on_budget(self, stop: BudgetExhausted, wall_s: float) -> dict[str, Any]:
+        """Discard round ``stop.rnd``, go back to the last checkpoint, evaluate it if it was not, write results."""
+        state = load_checkpoint(self.ckpt_dir)
+        self._rolled_back(state)
+        record = {"reason": "max_bytes", "max_bytes": stop.limit, "bytes": state.ledger.total(),
+                  "rounds_completed": state.round, "round": stop.rnd,
+                  "bytes_needed": stop.spent + stop.nbytes, "message": f"{stop.direction} {stop.cid}"}
+        records: list[dict[str, Any]] = []
+        if state.info.get("last_eval_round") != state.round:
+            records += self._evaluate_round(state.round, state)[1]
+        self._append_metrics([*records, {"type": "stop", **record}])
+        state.info["stopped"] = record
+        state.info["wall_s"] = wall_s
+        save_checkpoint(self.ckpt_dir, state)
+        results = {**self.results(state), "stopped": record}
+        atomic_write_json(self.out / "results.json", results)
+        self.state = state
+        self.log(f"stopped: the {stop.direction}link payload of {stop.cid} in round {stop.rnd} would bring the "
+                 f"traffic to {stop.spent + stop.nbytes:,} B, past engine.max_bytes = {stop.limit:,} B; results "
+                 f"cover rounds 1-{state.round} ({state.ledger.total():,} B)")
         return results
 
     # ------------------------------------------------------------------ reporting

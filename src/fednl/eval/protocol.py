@@ -15,7 +15,7 @@ Each view gets ``summary`` = mean, worst client and (population) std of the task
 
 **Aggregation drop** (paper Fig. 3). For each client, one more local round ``R + 1`` is run from its
 personalised post-aggregation state exactly as the simulator would run it (``Simulator.train_client`` with the
-payload ``strategy.configure_train(R + 1, cid, global)`` passed through the wire dtype, the same seed derivation
+payload ``strategy.configure_train(R + 1, cid, global)`` passed through the run's wire, the same seed derivation
 ``derive_seed(seed, "client" | "torch", R + 1, cid)``); the resulting *locally fine-tuned* model is evaluated
 before anything is sent back. ``local - aggregated`` is reported raw (``delta``) and as ``drop``, signed so that
 a positive drop means aggregation cost that client performance (``local - aggregated`` for higher-is-better
@@ -38,12 +38,11 @@ from typing import Any
 import torch
 
 from fednl.client.state import ClientState
-from fednl.engine import wire
 from fednl.engine.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths
-from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, evaluate_examples
+from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.eval.position import ce_by_position
 
 EVAL_NAME = "eval.json"
@@ -126,7 +125,7 @@ def _bs(sim: Simulator) -> int:
 
 
 def _eval_now(sim: Simulator, examples: list[Any]) -> dict[str, float]:
-    return evaluate_examples(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+    return evaluate_examples(sim.model, sim.tokenizer, examples, seq_len=eval_seq_len(sim.spec),
                              batch_size=_bs(sim))
 
 
@@ -134,10 +133,10 @@ def _local_round(sim: Simulator, state: RunState, cid: str) -> dict[str, float]:
     """Round ``R + 1`` of client ``cid`` from a copy of its state, as the simulator runs it; the locally
     fine-tuned model's metrics on its test split."""
     rnd = state.round + 1
-    dtype = sim.spec.engine.wire_dtype
     client = ClientState.from_bytes(*state.clients[cid].to_bytes(), source=f"copy of {cid}")
-    down = wire.decode(wire.encode(sim.strategy.configure_train(rnd, cid, state.global_params), dtype))
-    reply = sim.train_client(rnd, cid, down, client, initial_local=state.initial_local)
+    store = dict(state.engine_tensors)  # a copy: the wire's server state of the run is not changed
+    down, _ = sim.wire.encode_down(cid, sim.strategy.configure_train(rnd, cid, state.global_params), store)
+    _, reply = sim.client_round(rnd, cid, down, client, initial_local=state.initial_local)
     out = _eval_now(sim, sim.data[cid].test)
     out["train_loss"] = float(reply.metrics["train_loss"])
     return out
@@ -149,7 +148,7 @@ def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
     bin_size = sim.spec.config.get("task", {}).get("bin_size")
     if bin_size is None or not examples:
         return None
-    return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+    return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=eval_seq_len(sim.spec),
                           bin_size=int(bin_size), batch_size=_bs(sim))
 
 
@@ -183,7 +182,7 @@ def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[s
         for cell in table.values():
             cell["accuracy"] /= cell["n"]
         return metrics, dict(sorted(table.items(), key=lambda kv: float(kv[0]))), p
-    metrics, d = evaluate_with_depths(sim.model, sim.tokenizer, examples, seq_len=int(sim.spec.train.seq_len),
+    metrics, d = evaluate_with_depths(sim.model, sim.tokenizer, examples, seq_len=eval_seq_len(sim.spec),
                                       batch_size=_bs(sim))
     return metrics, d, p
 

@@ -87,10 +87,15 @@ class Strategy(ABC):
       * ``Options``: a pydantic model of the strategy's own settings (``[method]`` table), validated at load.
       * ``model_kind``: which model the engine builds for it — ``"titans"`` (dual-path memory model + LoRA) or
         ``"lora"`` (the plain backbone + LoRA), or another kind a model conversion registers.
+      * ``accepts_server_opt``: see below.
     """
 
     name: ClassVar[str] = ""
     model_kind: ClassVar[str] = "lora"
+    # whether the engine may put a server optimiser ([server_opt]) on top of ``aggregate_train``'s result; False
+    # for strategies whose global parameters are not what the next round sends (FedTreeLoRA's cluster experts)
+    # or which run their own outer optimiser (MT-DAO)
+    accepts_server_opt: ClassVar[bool] = True
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -146,6 +146,7 @@ class FedTreeLoRA(Strategy):
 
     name: ClassVar[str] = "fedtreelora"
     model_kind: ClassVar[str] = "treelora"
+    accepts_server_opt: ClassVar[bool] = False  # the next round sends the cluster experts, not the global
 
     class Options(Strategy.Options):
         warmup_rounds: int = Field(1, ge=1)  # E_warm
