@@ -397,9 +397,10 @@ class Simulator:
         results = {**self.results(state), "stopped": record}
         atomic_write_json(self.out / "results.json", results)
         self.state = state
+        cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
         self.log(f"stopped: the {stop.direction}link payload of {stop.cid} in round {stop.rnd} would bring the "
                  f"traffic to {stop.spent + stop.nbytes:,} B, past engine.max_bytes = {stop.limit:,} B; results "
-                 f"cover rounds 1-{state.round} ({state.ledger.total():,} B)")
+                 f"cover {cover} ({state.ledger.total():,} B)")
         return results
 
     # ------------------------------------------------------------------ reporting
