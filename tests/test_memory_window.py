@@ -65,6 +65,7 @@ DESIGNS = [
     {"attn_sinks": 0},
     {"write": "evicted"},
     {"write": "evicted", "mix": "residual", "gate_source": "query"},
+    {"write": "evicted", "mix": "convex", "gate_source": "query"},
     {"write": "evicted", "mix": "residual", "gate_source": "input", "attn_sinks": 2, "decay": False},
     {"mix": "residual", "gate_source": "query", "attn_window": None},
 ]
@@ -98,6 +99,19 @@ def test_evicted_memory_is_silent_inside_the_window_and_carries_beyond():
     # the first token written (position 2, after the 2 sinks) is written at step 2 + W
     torch.testing.assert_close(on[:, : 2 + W], off[:, : 2 + W], rtol=0, atol=0)
     assert (on[:, 2 + W :] - off[:, 2 + W :]).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize("mix", ["convex", "residual"])
+def test_evicted_memory_costs_nothing_while_it_is_empty(mix):
+    """Before position W + sinks nothing has been evicted: every mix leaves the softmax path exactly as it is."""
+    model = _model(write="evicted", mix=mix, gate_source="query", attn_sinks=2)
+    ids = _ids(T=30)
+    with torch.no_grad():
+        on = model(ids).logits
+        set_gate_override(model, 0.0)
+        off = model(ids).logits
+    torch.testing.assert_close(on[:, : 6 + 2], off[:, : 6 + 2], rtol=0, atol=0)
+    assert (on[:, 6 + 2 :] - off[:, 6 + 2 :]).abs().amax() > 1e-6
 
 
 def test_residual_mix_with_gate_zero_or_zeroed_memory_is_the_softmax_path():

@@ -76,8 +76,9 @@ class TrainConfig(BaseModel):
 
     * ``objective``: ``"lm"`` (the paper's: next-token loss back-propagated through the memory trajectory),
       ``"attention_transfer"`` (LoLCATs stage 1: per converted layer, the MSE between the hybrid attention output
-      and the frozen full-attention output on the same inputs, summed over layers; needs a converted model; only
-      the memory's own parameters get gradients), ``"mixed"`` (``lm + transfer_weight * attention_transfer``) or
+      and the frozen full-attention output on the same inputs, summed over layers; needs a converted model; the
+      gradient reaches the memory's parameters and, if trainable, the LoRA adapters of q/k/v/o — the LoLCATs
+      stage-1 recipe freezes LoRA, ``lora.trainable = false``), ``"mixed"`` (``lm + transfer_weight * attention_transfer``) or
       ``"two_stage"`` (attention transfer in rounds ``1 .. stage1_rounds``, then LM).
     * Learning-rate schedule over each client's cumulative local steps: linear warm-up for ``warmup_steps``, then
       ``constant``, or ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` at ``decay_steps``.

@@ -23,5 +23,33 @@ def evaluate(
         typer.echo(f"wrote {path}")
 
 
+
+
+def memory_eval(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `fednl run` (windowed memory model)"),
+    clients: str = typer.Option("heldout", help="'heldout' (global rule, books never trained on) or 'train' "
+                                                "(each client's personalised model on its test split)"),
+    max_examples: int | None = typer.Option(None, help="at most this many documents per client"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output JSON (default RUN_DIR/memory_eval-CLIENTS.json)"),
+) -> None:
+    """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
+    import json
+
+    from fednl.engine.atomic import atomic_write_text
+    from fednl.eval.memory import run_memory_views
+
+    with user_errors():
+        res = run_memory_views(run_dir, clients=clients, max_examples=max_examples)
+        path = out or Path(run_dir) / f"memory_eval-{clients}.json"
+        atomic_write_text(path, json.dumps(res, indent=1))
+        p = res["pooled"]
+        typer.echo(f"beyond position {p['ranges'][-1][0]}: " + "  ".join(
+            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "window", "full") if c in p))
+        typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
+                   f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
+        typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
+    app.command("memory-eval")(memory_eval)

@@ -182,6 +182,9 @@ class StreamConfig(_TaskBase):
     max_test: PositiveInt | None = None
     bin_size: PositiveInt = 1024
     quickstart: bool = False
+    pooled: bool = False
+    """Centralised training: all non-held-out clients merged into one client ``"pooled"`` (held-out clients must
+    then be given by name)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +192,12 @@ class StreamConfig(_TaskBase):
         return _apply_quickstart(
             data, {"doc_length": 256, "parts_per_book": 3, "max_train": 16, "max_test": 4, "bin_size": 64}
         )
+
+    @model_validator(mode="after")
+    def _pooled_heldout(self) -> StreamConfig:
+        if self.pooled and isinstance(self.heldout, int) and self.heldout:
+            raise ValueError("pooled = true needs the held-out clients by name (heldout = ['book', ...]), not a count")
+        return self
 
 
 class BabilongConfig(_TaskBase):

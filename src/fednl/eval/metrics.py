@@ -149,3 +149,8 @@ def evaluate_examples(
     if len(results) == 1:
         return next(iter(results.values()))
     return {f"{kind}/{k}": v for kind, res in results.items() for k, v in res.items()}
+
+
+def eval_seq_len(spec: Any) -> int:
+    """Tokens per evaluated sequence of a run spec: ``engine.eval_seq_len``, else ``train.seq_len``."""
+    return int(getattr(spec.engine, "eval_seq_len", None) or spec.train.seq_len)

@@ -9,6 +9,9 @@ final round's aggregation, round ``R``). Views, each on every training client's 
   never trained would see it).
 * ``memory_off``   — titans models only: ``personalised`` with the memory gate forced to the softmax side
   (``set_gate_override(model, 0.0)``), so ``personalised - memory_off`` is the memory's contribution.
+* ``memory_zero``  — titans models only: ``personalised`` with the memory's output forced to zero and the gate
+  kept (``set_memory_zero(model, True)``): the twin that removes only the memory read, so with ``mix = "convex"``
+  the softmax path is still scaled by ``1 - g``; ``personalised - memory_zero`` is what the memory's content adds.
 * ``heldout``      — held-out clients (never trained): global + initial local, on all their examples.
 
 Each view gets ``summary`` = mean, worst client and (population) std of the task's primary metric.
@@ -24,7 +27,8 @@ metrics, ``aggregated - local`` for CE). Nothing is written back: the checkpoint
 **NIAH by depth**: mc examples grouped by ``meta["depth"]`` (:mod:`fednl.eval.depth`), per client and pooled.
 **Streaming CE by position**: per-token CE binned by ``task.bin_size`` (:mod:`fednl.eval.position`), each bin
 relative to the first: over the documents of a text task, and over the test prompts of a question task that has
-a ``bin_size`` (NIAH-7: the prompt read as a stream, as in the paper's Fig. 5). Both for the personalised view, and for ``memory_off`` on titans models.
+a ``bin_size`` (NIAH-7: the prompt read as a stream, as in the paper's Fig. 5). For the personalised view, and for
+``memory_off`` and ``memory_zero`` on titans models.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,7 @@ from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths
 from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.eval.position import ce_by_position
+from fednl.models.titans import set_gate_override, set_memory_zero, titans_layers
 
 EVAL_NAME = "eval.json"
 
@@ -69,48 +75,41 @@ def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
 
 
 def _is_titans(sim: Simulator) -> bool:
-    from fednl.models.titans import titans_layers
-
     return bool(titans_layers(sim.model))
 
 
-class _GateOff:
-    """Force every memory gate to the softmax side (``g = 0``); restores each layer's previous override."""
+#: The twins of the personalised view on titans models: view -> (setter, the layer attribute it sets, value).
+TWINS: dict[str, tuple[Callable[[torch.nn.Module, Any], None], str, Any]] = {
+    "memory_off": (set_gate_override, "gate_override", 0.0),
+    "memory_zero": (set_memory_zero, "memory_zero", True),
+}
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.saved: list[float | None] = []
 
-    def __enter__(self) -> None:
-        from fednl.models.titans import set_gate_override, titans_layers
-
-        self.saved = [layer.gate_override for layer in titans_layers(self.model)]
-        set_gate_override(self.model, 0.0)
-
-    def __exit__(self, *exc: object) -> None:
-        from fednl.models.titans import titans_layers
-
-        for layer, value in zip(titans_layers(self.model), self.saved):
-            layer.gate_override = value
+@contextlib.contextmanager
+def _twin(model: torch.nn.Module, view: str) -> Iterator[None]:
+    """Within the block ``model`` is the ``view`` twin (``memory_off``: every gate forced to 0; ``memory_zero``:
+    every memory read zeroed, gate kept); each layer's previous setting is restored afterwards. Any other view
+    (``personalised``) leaves the model as it is."""
+    if view not in TWINS:
+        yield
+        return
+    setter, attr, value = TWINS[view]
+    layers = titans_layers(model)
+    saved = [getattr(layer, attr) for layer in layers]
+    setter(model, value)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            setattr(layer, attr, old)
 
 
 def load_run(run_dir: str | Path, *, log: Any = print) -> tuple[Simulator, RunState]:
     """Rebuild the simulator of ``run_dir`` and load its newest checkpoint (verified)."""
-    from fednl.config import RESOLVED_NAME, load_runs
-    from fednl.engine.experiment import build_simulator
+    from fednl.engine.experiment import build_simulator, finished_run
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / RESOLVED_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist ({run_dir} is not a run directory)")
-    cfgs = load_runs(str(cfg_path))
-    if len(cfgs) != 1:
-        raise ValueError(f"{cfg_path} describes {len(cfgs)} runs (a suite): evaluate each member directory "
-                         f"({', '.join(c.method.name for c in cfgs)}) instead")
-    ckpt = run_dir / "checkpoint"
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt} does not exist (the run never finished a round)")
-    sim = build_simulator(cfgs[0], run_dir, log=log)
+    cfg, ckpt = finished_run(run_dir, verb="evaluate")
+    sim = build_simulator(cfg, run_dir, log=log)
     state = load_checkpoint(ckpt)
     if state.info.get("fingerprint") not in (None, sim.fingerprint):
         raise ValueError(f"{run_dir}: the rebuilt model differs from the checkpointed run's model")
@@ -204,18 +203,17 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
         torch.set_num_threads(int(sim.spec.engine.threads))
     metric = PRIMARY_METRIC.get(sim.task.kind, "accuracy")
     titans = _is_titans(sim)
-    views: dict[str, dict[str, dict[str, float]]] = {"personalised": {}, "global": {}}
-    if titans:
-        views["memory_off"] = {}
-    depth: dict[str, dict[str, Any]] = {"personalised": {}, **({"memory_off": {}} if titans else {})}
-    position: dict[str, dict[str, Any]] = {"personalised": {}, **({"memory_off": {}} if titans else {})}
+    own = ["personalised", *TWINS] if titans else ["personalised"]  # views evaluated on the installed model
+    views: dict[str, dict[str, dict[str, float]]] = {"personalised": {}, "global": {}, **{v: {} for v in own}}
+    depth: dict[str, dict[str, Any]] = {v: {} for v in own}
+    position: dict[str, dict[str, Any]] = {v: {} for v in own}
     tested = [c for c in sim.client_names if sim.data[c].test]
     for cid in tested:
         test = sim.data[cid].test
         fresh = RunState(state.round, state.global_params, state.initial_local, {cid: ClientState(cid)})
         global_same = _installed(sim, cid, fresh) == _installed(sim, cid, state)  # leaves personalised installed
-        for view in (["personalised", "memory_off"] if titans else ["personalised"]):
-            with _GateOff(sim.model) if view == "memory_off" else contextlib.nullcontext():
+        for view in own:
+            with _twin(sim.model, view):
                 views[view][cid], d, p = _view(sim, test)
             if d:
                 depth[view][cid] = d

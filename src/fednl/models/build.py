@@ -56,8 +56,17 @@ def build_titans(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraCo
 
 
 def build_lora(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int) -> nn.Module:
-    """The plain backbone with LoRA on ``lora_cfg.targets`` (``memory_cfg`` unused)."""
-    del memory_cfg
+    """The plain backbone with LoRA on ``lora_cfg.targets``.
+
+    Only the softmax window of ``memory_cfg`` is used: with ``attn_window`` set, every attention layer is limited to
+    the same window + sinks as the memory models (a converted layer with its gate fixed at 0, which skips the memory
+    and has no trainable memory parameter), so windowed comparisons give the LoRA baselines the same context.
+    """
+    if memory_cfg.attn_window is not None:
+        softmax_only = MemoryConfig(attn_window=memory_cfg.attn_window, attn_sinks=memory_cfg.sinks, gate="fixed",
+                                    gate_fixed_value=0.0)
+        convert_to_titans(backbone, softmax_only, seed=seed)
+        backbone.requires_grad_(False)
     inject_lora(backbone, lora_cfg.target_names(), lora_cfg.r, lora_cfg.alpha, seed, trainable=lora_cfg.trainable)
     return backbone
 
@@ -76,8 +85,8 @@ def build_model(
     """Build a fresh model of ``kind`` on a deep copy of the (process-cached) backbone of ``model_cfg``.
 
     Every backbone parameter stays frozen; the result's parameter groups are validated (each trainable tensor
-    belongs to a group). ``model.fednl_kind`` records the kind. Raises ``ValueError`` for an unknown kind,
-    listing the known ones.
+    belongs to a group). ``model.fednl_kind`` records the kind and ``model.fednl_model_config`` the backbone.
+    Raises ``ValueError`` for an unknown kind, listing the known ones.
     """
     if kind not in _KINDS:
         _load_strategy_kinds()
@@ -89,4 +98,5 @@ def build_model(
     model = _KINDS[kind](fresh, memory_cfg or MemoryConfig(), lora_cfg or LoraConfig(), int(seed))
     param_groups(model)  # raises if a trainable parameter is claimed by no group
     model.fednl_kind = kind
+    model.fednl_model_config = model_cfg  # the backbone's identity (checked when a rule file is installed)
     return model

@@ -262,28 +262,48 @@ class TitansAttention(nn.Module):
         o_soft = o_soft.transpose(1, 2)  # [B, T, H, D]
 
         q_hat = F.normalize(q, dim=-1)
+        g = self.gate(q_hat, hidden_states)
+        if isinstance(g, float) and g == 0.0 and self.stream is None:
+            # the memory is mixed in with weight exactly 0: the output is the softmax path alone (both mixes), so
+            # skip the memory (the memory-off view, and windowed baselines built with a zero fixed gate)
+            o = o_soft
+            out = self.o_proj(o.reshape(B, T, H * D))
+            return self._transfer(out, q_rot, k_rot, v_t, valid) if self.transfer else (out, None)
         o_mem = self._memory(hidden_states, q_hat, k, v, valid)
         if self.memory_zero:
             o_mem = torch.zeros_like(o_mem)
-        g = self.gate(q_hat, hidden_states)
+        if self.memory_cfg.write == "evicted" and self.memory_cfg.mix == "convex" and not isinstance(g, float):
+            # nothing has been evicted before position W + sinks: the memory is empty there, so mix nothing in
+            start = self.stream.pos - T if self.stream is not None else 0
+            pos = torch.arange(start, start + T, device=o_mem.device)
+            filled = (pos >= int(self.window) + self.sinks).to(o_mem.dtype)[None, :, None, None]  # type: ignore[arg-type]
+            g = g * filled
         if self.memory_cfg.mix == "residual":
             o = o_soft + g * o_mem
         else:
             o = g * o_mem + (1.0 - g) * o_soft
         out = self.o_proj(o.reshape(B, T, H * D))
-        if self.transfer and self.stream is None:
-            # Attention transfer (LoLCATs stage 1): the teacher is this layer's full causal softmax attention on the
-            # same input; the layer's loss is the MSE of its output to the teacher's, and the teacher's output is
-            # what flows on, so every layer learns from the frozen model's own hidden states.
-            with torch.no_grad():
-                o_full = softmax_attention(q_rot, k_rot, v_t, scale=self.scaling, causal=True).transpose(1, 2)
-                teacher = self.o_proj(o_full.reshape(B, T, H * D))
-            err = (out - teacher).float().pow(2)
-            if valid is not None:
-                err = err[valid]
-            self.transfer_loss = err.mean()
-            return teacher, None
+        if self.transfer:
+            return self._transfer(out, q_rot, k_rot, v_t, valid)
         return out, None
+
+    def _transfer(
+        self, out: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor, v_t: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None]:
+        """Attention transfer (LoLCATs stage 1): the teacher is this layer's full causal softmax attention on the
+        same input; the layer's loss is the MSE of its output to the teacher's, and the teacher's output is what
+        flows on, so every layer learns from the frozen model's own hidden states."""
+        if self.stream is not None:
+            raise ValueError("attention transfer compares full forwards; it does not run on a stream")
+        B, T, _ = out.shape
+        with torch.no_grad():
+            o_full = softmax_attention(q_rot, k_rot, v_t, scale=self.scaling, causal=True).transpose(1, 2)
+            teacher = self.o_proj(o_full.reshape(B, T, -1))
+        err = (out - teacher).float().pow(2)
+        if valid is not None:
+            err = err[valid]
+        self.transfer_loss = err.mean()
+        return teacher, None
 
     def _softmax(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None

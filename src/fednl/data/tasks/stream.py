@@ -93,6 +93,24 @@ def build_stream(cfg: StreamConfig, tokenizer, seed: int) -> NaturalTask:
                     for k, (text, n_tok, first) in enumerate(items)
                 ]
             clients.append(ClientData(name=name, train=out["train"], test=out["test"]))
+    if cfg.pooled:
+        clients = pool_clients(clients, keep=cfg.heldout if isinstance(cfg.heldout, list) else [])
     info = {"books": [b.name for b in books], "source": "embedded" if cfg.data_dir is None else str(cfg.data_dir),
-            "doc_length": cfg.doc_length, "bin_size": cfg.bin_size}
+            "doc_length": cfg.doc_length, "bin_size": cfg.bin_size, "pooled": cfg.pooled}
     return NaturalTask(kind="text", label_key="book", clients=clients, info=info)
+
+
+POOLED = "pooled"
+
+
+def pool_clients(clients: list[ClientData], keep: list[str]) -> list[ClientData]:
+    """Centralised training: every client except those named in ``keep`` (the held-out ones) merged into one
+    client ``"pooled"`` (train and test splits concatenated in client order), followed by the kept clients."""
+    unknown = [k for k in keep if k not in {c.name for c in clients}]
+    if unknown:
+        raise ValueError(f"stream: held-out client(s) {unknown} not found; clients: {[c.name for c in clients]}")
+    merged = [c for c in clients if c.name not in keep]
+    if not merged:
+        raise ValueError("stream: pooled = true leaves no training client (every client is held out)")
+    pooled = ClientData(name=POOLED, train=[e for c in merged for e in c.train], test=[e for c in merged for e in c.test])
+    return [pooled, *(c for c in clients if c.name in keep)]
