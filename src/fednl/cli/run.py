@@ -58,21 +58,27 @@ def comm(
     model: str = typer.Option("smollm2", help="model source: smollm2, tiny or hf:<folder>"),
     r: int = typer.Option(16, help="LoRA rank"),
     alpha: float = typer.Option(32.0, help="LoRA alpha"),
-    wire: str = typer.Option("fp32", help="wire dtype: fp32, fp16 or bf16"),
+    wire: str = typer.Option("fp32", help="FedNL's wire codec: fp32, fp16, bf16, int8, int8-row, topk-<fraction>"),
+    fedavg_wire: str | None = typer.Option(None, "--fedavg-wire", help="FedAvg-LoRA's wire codec (default: --wire)"),
     scope: str = typer.Option("rules", help="FedNL sharing scope: rules or rules+lora"),
     fedavg_targets: str = typer.Option("all", help="FedAvg-LoRA targets: all, or comma-separated module names"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Per-round FedNL vs FedAvg-LoRA traffic for one backbone, counted by building both payloads."""
+    """Per-round FedNL vs FedAvg-LoRA traffic for one backbone, counted by building and encoding both payloads."""
+    from fednl.engine.codecs import as_spec
     from fednl.engine.comm import format_comparison, traffic_comparison
     from fednl.models.config import ModelConfig
 
     with user_errors():
         targets: list[str] | str = "all" if fedavg_targets == "all" else [t.strip() for t in fedavg_targets.split(",")]
-        if wire not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"--wire: expected fp32, fp16 or bf16, got {wire!r}")
+        for flag, value in (("--wire", wire), ("--fedavg-wire", fedavg_wire)):
+            if value is not None:
+                try:
+                    as_spec(value)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
         rec = traffic_comparison(ModelConfig(source=model), r=r, alpha=alpha, wire_dtype=wire, scope=scope,
-                                 fedavg_targets=targets)
+                                 fedavg_targets=targets, fedavg_wire=fedavg_wire)
         typer.echo(json.dumps(rec, indent=2) if json_out else format_comparison(rec))
 
 

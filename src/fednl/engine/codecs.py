@@ -35,7 +35,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 SEP = "|"
 CASTS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,7 +123,14 @@ def parse_shorthand(text: str) -> dict[str, Any]:
 
 
 def as_spec(spec: WireSpec | str) -> WireSpec:
-    return spec if isinstance(spec, WireSpec) else WireSpec.model_validate(spec)
+    """A :class:`WireSpec` from itself or its short form; a bad one raises ``ValueError`` with pydantic's reason."""
+    if isinstance(spec, WireSpec):
+        return spec
+    try:
+        return WireSpec.model_validate(spec)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"]
+        raise ValueError(msg.removeprefix("Value error, ")) from None
 
 
 # ---------------------------------------------------------------------------------------------- int8
