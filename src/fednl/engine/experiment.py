@@ -146,6 +146,26 @@ def load_resolved(out: str | Path) -> str:
     return str(path)
 
 
+def finished_run(run_dir: str | Path, *, verb: str) -> tuple[RunConfig, Path]:
+    """The one run config of ``run_dir`` and its checkpoint folder, for commands that read a finished run
+    (``verb``: what the command does to a run, for the message about suites). Clear errors for a folder that is
+    not a run directory, a suite of several runs, or a run without a checkpoint."""
+    from fednl.config import load_runs
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / RESOLVED_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist ({run_dir} is not a run directory)")
+    cfgs = load_runs(str(cfg_path))
+    if len(cfgs) != 1:
+        raise ValueError(f"{cfg_path} describes {len(cfgs)} runs (a suite): {verb} each member directory "
+                         f"({', '.join(c.method.name for c in cfgs)}) instead")
+    ckpt = run_dir / "checkpoint"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt} does not exist (the run never finished a round)")
+    return cfgs[0], ckpt
+
+
 # ---------------------------------------------------------------------------------------------- reporting
 def _primary(result: dict[str, Any]) -> str:
     for key in PRIMARY_METRIC.values():
