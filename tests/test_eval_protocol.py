@@ -117,6 +117,27 @@ def test_summarise_and_drop_sign() -> None:
     assert aggregation_drop(2.0, 2.5, "ce") == 0.5  # aggregation raised CE by 0.5
 
 
+def test_twins_set_and_restore_each_layer() -> None:
+    from fednl.eval.protocol import TWINS, _twin
+    from fednl.models import LoraConfig, MemoryConfig, ModelConfig, build_model
+    from fednl.models.titans import titans_layers
+
+    model = build_model("titans", ModelConfig(source="tiny"), MemoryConfig(), LoraConfig(r=2))
+    layers = titans_layers(model)
+    layers[0].gate_override = 0.5  # a setting in force before: restored afterwards
+    assert set(TWINS) == {"memory_off", "memory_zero"}
+    with _twin(model, "memory_off"):
+        assert [m.gate_override for m in layers] == [0.0] * len(layers)
+        assert not any(m.memory_zero for m in layers)
+    assert layers[0].gate_override == 0.5 and all(m.gate_override is None for m in layers[1:])
+    with pytest.raises(RuntimeError), _twin(model, "memory_zero"):
+        assert all(m.memory_zero for m in layers) and layers[0].gate_override == 0.5
+        raise RuntimeError("restored even when the view fails")
+    assert not any(m.memory_zero for m in layers)
+    with _twin(model, "personalised"):
+        assert layers[0].gate_override == 0.5 and not any(m.memory_zero for m in layers)
+
+
 # ------------------------------------------------------------------ the protocol on real runs
 def _tree_digest(path: Path) -> str:
     h = hashlib.sha256()
@@ -133,15 +154,19 @@ def test_protocol_views_and_invariances(runs) -> None:
     rec = json.loads(path.read_text())
     assert _tree_digest(run / "checkpoint") == before  # post-hoc evaluation never writes the checkpoint
     results = json.loads((run / "results.json").read_text())
-    assert rec["titans"] and set(rec["views"]) == {"personalised", "global", "memory_off", "heldout"}
+    assert rec["titans"] and set(rec["views"]) == {"personalised", "global", "memory_off", "memory_zero", "heldout"}
     # the personalised view is exactly what the run reported
     for cid, m in results["clients"].items():
         assert rec["views"]["personalised"]["clients"][cid] == pytest.approx(m)
     # FedNL (scope=rules) keeps LoRA local: the memory gate override changes the model's output
     p, off = rec["views"]["personalised"]["clients"], rec["views"]["memory_off"]["clients"]
     assert any(p[c]["answer_loglik"] != off[c]["answer_loglik"] for c in p)
+    # the zeroed-memory twin keeps the gate: with the convex mix the softmax path stays scaled by 1 - g, so it
+    # differs from both the full model and the gate-off twin
+    zero = rec["views"]["memory_zero"]["clients"]
+    assert all(zero[c]["answer_loglik"] not in (p[c]["answer_loglik"], off[c]["answer_loglik"]) for c in p)
     # depth tables cover every keyed test example, at the configured depths
-    for view in ("personalised", "memory_off"):
+    for view in ("personalised", "memory_off", "memory_zero"):
         pooled = rec["depth"][view]["pooled"]
         assert set(pooled) <= {"0.10", "0.30", "0.50", "0.70"}
         assert sum(v["n"] for v in pooled.values()) == sum(m["n"] for m in results["clients"].values())
@@ -152,7 +177,7 @@ def test_protocol_views_and_invariances(runs) -> None:
     for a in drop["clients"].values():
         assert a["drop"] == pytest.approx(a["local"] - a["aggregated"])
     # NIAH has a bin_size: its prompts are read as a stream (Fig. 5), in both views
-    assert set(rec["position"]) == {"personalised", "memory_off"}
+    assert set(rec["position"]) == {"personalised", "memory_off", "memory_zero"}
     pooled = rec["position"]["personalised"]["pooled"]
     assert pooled["bin_start"][0] == 0 and pooled["relative"][0] == 0.0
     # FedNL keeps LoRA local, so the global view (initial LoRA) is evaluated on its own and differs

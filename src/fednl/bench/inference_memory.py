@@ -3,8 +3,9 @@
 Two models stream the same text chunk by chunk (``chunk`` tokens per :meth:`StreamingLM.feed`, no grad):
 
 * ``converted`` — SmolLM2 with every attention layer converted to the Titans dual path (untrained rule: gate
-  0.1, beta 0.5) and the softmax path limited to ``attn_window`` tokens: it carries a fixed-size delta-rule
-  memory per layer plus a ``window - 1`` token KV cache, so its memory should not grow with the length;
+  0.1, beta 0.5) and the softmax path limited to ``attn_window`` tokens plus ``sinks`` sink tokens (default 4): it
+  carries a fixed-size delta-rule memory per layer plus a ``sinks + window - 1`` token KV cache, so its memory
+  should not grow with the length;
 * ``baseline`` — the unconverted model with HF's full KV cache (grows linearly), stopped at ``baseline_max``
   tokens or at the first length it cannot run.
 
@@ -12,7 +13,9 @@ Each (model, length) runs in a fresh Python process, so every figure is that pro
 ``{"model", "tokens", "peak_rss_mb"}`` (``ru_maxrss``: the whole process, model loading included) plus
 ``stream_peak_rss_mb`` (the peak *during streaming*, measured by resetting the kernel's high-water mark after
 loading — ``/proc/self/clear_refs``; ``null`` where unsupported), ``rss_before_stream_mb``, ``state_mb`` (the
-carried memory states and caches at the end), ``ce`` (mean next-token cross-entropy, nats) and ``seconds``.
+carried memory states and caches at the end), ``ce`` (mean next-token cross-entropy, nats), ``seconds``, and
+``window`` / ``sinks`` for the converted model. The table's last lines compare the converted model's peak and
+carried state at the longest length with the shortest (both should stay flat).
 
 Threads: one intra-op thread by default — on a small shared CPU two contending threads can run an order of
 magnitude slower (barrier spinning); the memory figures do not depend on it.
@@ -90,7 +93,8 @@ def _reset_peak() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def worker(model: str, tokens: int, *, window: int, chunk: int, threads: int) -> dict[str, object]:
+def worker(model: str, tokens: int, *, window: int, chunk: int, threads: int,
+           sinks: int | None = None) -> dict[str, object]:
     """Stream ``tokens`` tokens through one model in this process; return its record."""
     import torch
 
@@ -103,7 +107,7 @@ def worker(model: str, tokens: int, *, window: int, chunk: int, threads: int) ->
     backbone, tok = load_backbone(ModelConfig(source="smollm2"))
     clear_backbone_cache()  # converted in place below (no second copy in memory): keep it out of the cache
     if model == "converted":
-        convert_to_titans(backbone, MemoryConfig(attn_window=window), seed=0)
+        convert_to_titans(backbone, MemoryConfig(attn_window=window, attn_sinks=sinks), seed=0)
     ids = tok.encode(bench_text(tokens * CHARS_PER_TOKEN))
     while len(ids) < tokens:
         ids = ids + ids
@@ -129,13 +133,17 @@ def worker(model: str, tokens: int, *, window: int, chunk: int, threads: int) ->
         "ce": round(nll / max(1, tokens - 1), 4),
         "seconds": round(seconds, 1),
         "window": window if model == "converted" else None,
+        "sinks": MemoryConfig(attn_window=window, attn_sinks=sinks).sinks if model == "converted" else None,
         "chunk": chunk,
     }
 
 
-def _spawn(model: str, tokens: int, *, window: int, chunk: int, threads: int, timeout: float | None) -> dict:
+def _spawn(model: str, tokens: int, *, window: int, chunk: int, threads: int, timeout: float | None,
+           sinks: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "fednl.bench.inference_memory", "--worker", model, "--tokens", str(tokens),
            "--window", str(window), "--chunk", str(chunk), "--threads", str(threads)]
+    if sinks is not None:
+        cmd += ["--sinks", str(sinks)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
@@ -155,12 +163,16 @@ def run(
     chunk: int = CHUNK,
     threads: int = 1,
     timeout: float | None = None,
+    sinks: int | None = None,
 ) -> list[dict]:
-    """Run every (model, length) in a fresh process; print a JSON list (``json_out``) or a table."""
+    """Run every (model, length) in a fresh process; print a JSON list (``json_out``) or a table. ``sinks``:
+    the converted model's sink tokens (``None``: 4, the default beside a window)."""
     if not lengths or min(lengths) < 2:
         raise ValueError(f"lengths must be integers >= 2; got {list(lengths)}")
     if window < 1 or chunk < 1:
         raise ValueError(f"window and chunk must be >= 1; got window={window}, chunk={chunk}")
+    if sinks is not None and sinks < 0:
+        raise ValueError(f"sinks must be >= 0; got {sinks}")
     from fednl.models.loading import ensure_smollm2_cache
 
     ensure_smollm2_cache()  # convert the GGUF once here, so no worker's peak includes the conversion
@@ -170,7 +182,7 @@ def run(
             if model == "baseline" and n > baseline_max:
                 break
             try:
-                rec = _spawn(model, n, window=window, chunk=chunk, threads=threads, timeout=timeout)
+                rec = _spawn(model, n, window=window, chunk=chunk, threads=threads, timeout=timeout, sinks=sinks)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 if model == "converted":
                     raise
@@ -197,6 +209,9 @@ def format_table(records: list[dict]) -> str:
         growth = 100.0 * (conv[-1]["peak_rss_mb"] / conv[0]["peak_rss_mb"] - 1.0)
         lines.append(f"converted peak at {conv[-1]['tokens']} tokens vs {conv[0]['tokens']}: {growth:+.2f}% "
                      f"(target <= +5%)")
+        flat = "flat" if conv[-1]["state_mb"] == conv[0]["state_mb"] else "GROWS"
+        lines.append(f"converted carried state at {conv[-1]['tokens']} tokens vs {conv[0]['tokens']}: "
+                     f"{conv[-1]['state_mb']} MB vs {conv[0]['state_mb']} MB ({flat})")
     return "\n".join(lines)
 
 
@@ -207,15 +222,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     p.add_argument("--baseline-max", type=int, default=BASELINE_MAX)
     p.add_argument("--window", type=int, default=WINDOW)
+    p.add_argument("--sinks", type=int, default=None)
     p.add_argument("--chunk", type=int, default=CHUNK)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker, a.tokens, window=a.window, chunk=a.chunk, threads=a.threads)))
+        print(json.dumps(worker(a.worker, a.tokens, window=a.window, chunk=a.chunk, threads=a.threads,
+                                sinks=a.sinks)))
     else:
         run(json_out=a.json, lengths=a.lengths, baseline_max=a.baseline_max, window=a.window, chunk=a.chunk,
-            threads=a.threads)
+            threads=a.threads, sinks=a.sinks)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ def bench_inference_memory(
     lengths: str = typer.Option("1024,4096,16384,65536", help="comma-separated context lengths (tokens)"),
     baseline_max: int = typer.Option(16384, min=2, help="longest length run for the full-KV-cache baseline"),
     window: int = typer.Option(512, min=1, help="softmax window of the converted model (tokens)"),
+    sinks: int | None = typer.Option(None, help="sink tokens beside the window (default 4)"),
     threads: int = typer.Option(1, min=1, help="torch threads per measurement"),
     out: Path | None = typer.Option(None, "--out", "-o", help="also write the JSON list to this file (for "
                                     "`fednl report --memory-bench`)"),
 ) -> None:
-    """Peak RSS of streaming SmolLM2-135M (converted, windowed) vs the baseline with a full KV cache."""
+    """Peak RSS of streaming SmolLM2-135M (converted, windowed + sinks) vs the baseline with a full KV cache."""
     from fednl.bench.inference_memory import run
     from fednl.cli.errors import user_errors
 
@@ -40,7 +41,7 @@ def bench_inference_memory(
         except ValueError:
             raise ValueError(f"--lengths: expected comma-separated integers, got {lengths!r}") from None
         records = run(json_out=json_out, lengths=parsed, baseline_max=baseline_max, window=window,
-                      threads=threads)
+                      threads=threads, sinks=sinks)
         if out is not None:
             from fednl.engine.atomic import atomic_write_json
 
