@@ -53,20 +53,21 @@ class DiLoCoConfig(_OptConfig):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
-class FedAdamConfig(_OptConfig):
-    name: Literal["fedadam"]
+class _AdamFamilyConfig(_OptConfig):
+    name: str
     lr: float = Field(0.1, gt=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
 
 
-class FedYogiConfig(_OptConfig):
+class FedAdamConfig(_AdamFamilyConfig):
+    name: Literal["fedadam"]
+
+
+class FedYogiConfig(_AdamFamilyConfig):
     name: Literal["fedyogi"]
     lr: float = Field(0.01, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
 
 
 class FedAdagradConfig(_OptConfig):
