@@ -3,7 +3,7 @@ several first momenta with different timescales, combined quasi-hyperbolically, 
 
 The paper's family keeps, next to the gradient, ``J`` first momenta of different decay rates — fast ones that
 follow the latest updates and slow ones (β close to 1) that remember the trajectory across infrequent
-synchronisations — and steps on a quasi-hyperbolic combination of them (its Section 3 and Algorithm 1; the
+synchronisations — and steps on a quasi-hyperbolic combination of them (the paper's method section; its
 SGD-momentum variant is the one with convergence guarantees). Here that optimiser is applied DiLoCo-style to the
 round's pseudo-gradient ``g = x − a`` (``x`` the global parameters the round started from, ``a`` the clients'
 ``N_k``-weighted mean)::
@@ -14,8 +14,8 @@ round's pseudo-gradient ``g = x − a`` (``x`` the global parameters the round s
 
 What we did not implement: the paper runs the momenta inside the workers' *local* (adaptive) optimiser and
 synchronises parameters and each momentum at their own frequencies; this strategy keeps the clients' optimiser as
-configured (``[train]``) and the momenta on the server, so nothing extra crosses the wire. The paper's equation
-numbers are not reproduced here. With one timescale and ``ω = 1`` the update is EMA momentum,
+configured (``[train]``) and the momenta on the server, so nothing extra crosses the wire. No public code
+exists to check against, and this docstring cites no equation numbers: the update above is what is implemented. With one timescale and ``ω = 1`` the update is EMA momentum,
 ``server_opt = {name = "fedavgm", momentum = β, dampening = β}`` on FedAvg — the same arithmetic, tested bit for
 bit through the simulator. Defaults (ours, at round granularity): ``betas = [0.5, 0.9]``, ``weights = [0.4,
 0.4]``, ``lr = 1``.
