@@ -75,7 +75,8 @@ def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
 
 
 def _is_titans(sim: Simulator) -> bool:
-    return bool(titans_layers(sim.model))
+    """A model with a memory path (a windowed LoRA baseline is converted too, but with its gate fixed at 0)."""
+    return getattr(sim.model, "fednl_kind", "titans") != "lora" and bool(titans_layers(sim.model))
 
 
 #: The twins of the personalised view on titans models: view -> (setter, the layer attribute it sets, value).
