@@ -226,3 +226,21 @@ def test_range_means_and_gains_by_hand():
         logits_window = model(torch.tensor([TOK.encode(TEXT)[:201]])).logits
     ce = F.cross_entropy(logits_window[0, :-1], torch.tensor(TOK.encode(TEXT)[1:201]), reduction="none")
     assert out["window"]["ranges"][-1]["ce"] == pytest.approx(float(ce[15:].mean()), rel=1e-6)  # token_ce scores in float32
+
+
+def test_init_rule_starts_the_memory_from_a_rule_file(tmp_path):
+    from fednl.models.rules import save_rule
+
+    trained = _model()
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if ".token_gate." in n or ".beta." in n:
+                p.add_(0.25)
+    path = tmp_path / "r.safetensors"
+    save_rule(trained, path, model_source="tiny", provenance={})
+    fresh = _model(init_rule=str(path))
+    names = param_groups(fresh)["rule"] | param_groups(fresh)["gate"]
+    ref = dict(trained.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in fresh.named_parameters() if n in names)
+    with pytest.raises(ValueError, match="another memory design"):
+        _model(init_rule=str(path), mix="convex")

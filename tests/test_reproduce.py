@@ -159,3 +159,51 @@ def test_paper_table_units(tmp_path) -> None:
     assert f"| hebbian | 1576.42 | {(e1 + e2) / 2:.2f} ± {abs(e2 - e1) / math.sqrt(2):.2f} | 2 |" in paper_table("stream", g)
     g = [{"method": "fedavg", "variant": "", "runs": [run(0, "accuracy", [0.25, 0.5])]}]
     assert "| fedavg | 18.3 | 37.50 ± 0.00 | 1 |" in paper_table("niah7", g)
+
+
+def test_memory_plan_jobs_validate_and_use_the_memory_evaluation() -> None:
+    from fednl.reproduce import MEMORY_VARIANTS
+
+    plan = build_plan("memory", [0, 1, 2])
+    assert len(plan.jobs) == 3 * len(MEMORY_VARIANTS)
+    for job in plan.jobs:
+        assert job.evaluation == "memory" and job.eval_file() == "memory_eval-heldout.json"
+        cfg = load_config(job.preset, list(job.sets))
+        label = job.name.rsplit("-s", 1)[0]
+        assert cfg.memory.attn_window == 64 and cfg.memory.sinks == 4
+        assert cfg.task.heldout == ["austen-persuasion", "chesterton-brown"]
+        assert cfg.method.name == {"fednl": "fednl", "local": "local", "centralised": "fednl",
+                                   "fedavg-window": "fedavg"}[label]
+        if label == "centralised":  # the pooled books get the federation's total number of steps
+            assert cfg.task.pooled and cfg.train.max_steps == 5 * load_config("memory-cpu").train.max_steps
+    for job in build_plan("memory-smoke", [0]).jobs:
+        assert load_config(job.preset, list(job.sets)).model.source == "tiny"
+
+
+def test_memory_table_from_evaluations(tmp_path) -> None:
+    from fednl.reproduce import memory_table
+
+    plan = build_plan("memory", [0, 1])
+    jobs = [j for j in plan.jobs if j.name.startswith("fednl-")]
+
+    def ranges(ce_in, ce_out):
+        return {"ranges": [{"start": 1, "end": 64, "tokens": 10, "ce": ce_in},
+                           {"start": 256, "end": None, "tokens": 10, "ce": ce_out}]}
+
+    for k, j in enumerate(jobs):
+        d = j.run_dir(tmp_path)
+        d.mkdir(parents=True)
+        pooled = {"ranges": [[1, 64], [256, None]], "memory": ranges(4.0, 3.5 - 0.1 * k), "zeroed": ranges(4.0, 3.7),
+                  "window": ranges(4.0, 3.7), "full": ranges(4.0, 3.3)}
+        pooled.update(gain_inside=0.0, gain_beyond=0.2 + 0.1 * k, carried=0.2 + 0.1 * k,
+                      gap_closed=(0.2 + 0.1 * k) / 0.4)
+        (d / j.eval_file()).write_text(json.dumps({"pooled": pooled}))
+        (d / "results.json").write_text(json.dumps({"rounds": 2, "wall_s": 10.0 + k,
+                                                    "comm": {"bytes_up": 100, "bytes_down": 300}}))
+    table = memory_table(jobs, tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| fednl |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3.4500 ± 0.0707"  # memory: 3.5 and 3.4
+    assert cells[5] == "0.2500 ± 0.0707"  # gain beyond: 0.2 and 0.3
+    assert cells[8] == "62.5 ± 17.7"     # gap closed: 50 % and 75 %
+    assert cells[9] == "200 ± 0" and cells[-1] == "2"  # (100 + 300) / 2 rounds

@@ -65,6 +65,16 @@ class Job:
     preset: str
     sets: tuple[str, ...]     # --set overrides (method, seed, threads, variant)
     aggregation_drop: bool = False
+    evaluation: str = "evaluate"   # "evaluate" (the protocol, eval.json) or "memory" (memory_eval-heldout.json)
+
+    def eval_file(self) -> str:
+        return "eval.json" if self.evaluation == "evaluate" else "memory_eval-heldout.json"
+
+    def eval_command(self, root: Path) -> list[str]:
+        out = str(self.run_dir(root))
+        if self.evaluation == "memory":
+            return [*fednl_command(), "memory-eval", out, "--clients", "heldout"]
+        return [*fednl_command(), "evaluate", out, *([] if self.aggregation_drop else ["--no-aggregation-drop"])]
 
     def run_dir(self, root: Path) -> Path:
         return root / self.experiment / self.name
@@ -78,10 +88,11 @@ class Plan:
 
 
 def _jobs_for(experiment: str, preset: str, variants: dict[str, tuple[str, ...]], seeds: Sequence[int],
-              threads: int, *, aggregation_drop: bool, extra: tuple[str, ...] = ()) -> list[Job]:
+              threads: int, *, aggregation_drop: bool, extra: tuple[str, ...] = (),
+              evaluation: str = "evaluate") -> list[Job]:
     """Seed-major order, so that a reproduction stopped early still has whole seeds for every variant."""
     return [Job(experiment, f"{label}-s{seed}", preset,
-                (*extra, *sets, f"seed={seed}", f"engine.threads={threads}"), aggregation_drop)
+                (*extra, *sets, f"seed={seed}", f"engine.threads={threads}"), aggregation_drop, evaluation)
             for seed in seeds for label, sets in variants.items()]
 
 
@@ -125,7 +136,37 @@ def _seed_major(plan: Plan, seeds: list[int]) -> Plan:
     return plan
 
 
-PLANS: dict[str, Callable[[list[int], int], Plan]] = {"cpu": _cpu_plan, "smoke": _smoke_plan}
+# The memory experiment (issue 12): the memory-cpu preset's variants; window + sinks alone, the zeroed twin and full
+# attention are evaluation conditions of every run (`fednl memory-eval`). Centralised training pools the books into
+# one client and gets the federation's total number of steps (5 training books x max_steps).
+MEMORY_VARIANTS: dict[str, tuple[str, ...]] = {
+    "fednl": (),
+    "local": ("method=local",),
+    "centralised": ("task.pooled=true", "train.max_steps=40"),
+    "fedavg-window": ("method=fedavg", "lora.trainable=true", "train.objective=lm", "train.lr=3e-4"),
+}
+
+
+def _memory_plan(seeds: list[int], threads: int) -> Plan:
+    plan = Plan("memory")
+    plan.jobs += _jobs_for("memory", "memory-cpu", MEMORY_VARIANTS, seeds, threads, aggregation_drop=False,
+                           evaluation="memory")
+    plan.titles = {"memory": "The memory beyond the window (memory-cpu): held-out books, window 64 + 4 sinks"}
+    return _seed_major(plan, seeds)
+
+
+def _memory_smoke_plan(seeds: list[int], threads: int) -> Plan:
+    variants = {"fednl": (), "local": ("method=local",), "centralised": ("task.pooled=true", "train.max_steps=2"),
+                "fedavg-window": MEMORY_VARIANTS["fedavg-window"]}
+    plan = Plan("memory-smoke")
+    plan.jobs += _jobs_for("memory", "memory-tiny", variants, seeds, threads, aggregation_drop=False,
+                           evaluation="memory")
+    plan.titles = {"memory": "The memory beyond the window (tiny model)"}
+    return _seed_major(plan, seeds)
+
+
+PLANS: dict[str, Callable[[list[int], int], Plan]] = {"cpu": _cpu_plan, "smoke": _smoke_plan,
+                                                      "memory": _memory_plan, "memory-smoke": _memory_smoke_plan}
 
 
 def fednl_command() -> list[str]:
@@ -142,9 +183,8 @@ def job_commands(job: Job, root: Path) -> list[list[str]]:
         for s in job.sets:
             run += ["--set", s]
         cmds.append(run)
-    if not (out / "eval.json").is_file():
-        cmds.append([*fednl_command(), "evaluate", str(out),
-                     *([] if job.aggregation_drop else ["--no-aggregation-drop"])])
+    if not (out / job.eval_file()).is_file():
+        cmds.append(job.eval_command(root))
     return cmds
 
 
@@ -228,6 +268,9 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
             table = curve_table(groups, kind, view)
             if table:
                 parts.append(f"\n{what}:\n\n{table}")
+        memory_jobs = [j for j in jobs if j.evaluation == "memory"]
+        if memory_jobs:
+            parts.append("\n" + memory_table(memory_jobs, root))
         missing = len(jobs) - len(finished)
         if missing:
             parts.append(f"\n{missing} of {len(jobs)} runs of this experiment have not finished.\n")
@@ -236,6 +279,51 @@ def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) ->
         parts.append("\n```\n" + "\n".join(shell_line(c) for c in _all_commands(jobs, root)) + "\n```\n")
     atomic_write_text(out, "\n".join(parts))
     return out
+
+
+def memory_table(jobs: Sequence[Job], root: Path) -> str:
+    """Markdown: per variant (the job label), mean ± sample std over seeds of the held-out CE beyond position 256 under
+    the four conditions of :mod:`fednl.eval.memory`, the memory's gains and the bytes per round."""
+    import json
+
+    from fednl.report.seeds import mean_std
+
+    rows: dict[str, list[dict]] = {}
+    for j in jobs:
+        path = j.run_dir(root) / j.eval_file()
+        res = j.run_dir(root) / "results.json"
+        if not (path.is_file() and res.is_file()):
+            continue
+        ev, rs = json.loads(path.read_text()), json.loads(res.read_text())
+        rounds = max(1, int(rs.get("rounds", 1)))
+        p = ev["pooled"]
+        rows.setdefault(j.name.rsplit("-s", 1)[0], []).append({
+            **{c: p[c]["ranges"][-1]["ce"] for c in ("memory", "zeroed", "window", "full")},
+            "inside": p["memory"]["ranges"][0]["ce"] - p["window"]["ranges"][0]["ce"],
+            "gain": p["gain_beyond"], "carried": p["carried"], "closed": 100.0 * p["gap_closed"],
+            "bytes": (rs["comm"]["bytes_up"] + rs["comm"]["bytes_down"]) / rounds, "wall": rs["wall_s"]})
+    if not rows:
+        return "No memory evaluation has finished.\n"
+    start = "?"
+    for j in jobs:
+        path = j.run_dir(root) / j.eval_file()
+        if path.is_file():
+            start = json.loads(path.read_text())["pooled"]["ranges"][-1][0]
+            break
+    cols = [("memory", "memory", 4), ("zeroed", "zeroed twin", 4), ("window", "window + sinks", 4),
+            ("full", "full attention", 4), ("gain", "gain beyond", 4), ("inside", "in-window cost", 4),
+            ("carried", "carried", 4), ("closed", "gap closed %", 1), ("bytes", "bytes / round", 0),
+            ("wall", "wall s", 0)]
+    lines = [f"Held-out books, CE (nats) at positions >= {start}; mean ± sample std over seeds.\n",
+             "| variant | " + " | ".join(c[1] for c in cols) + " | seeds |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for label, recs in rows.items():
+        cells = []
+        for key, _, nd in cols:
+            m, sd = mean_std([r[key] for r in recs])
+            cells.append(f"{m:.{nd}f} ± {sd:.{nd}f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(recs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def paper_table(experiment: str, groups: list[dict]) -> str:
@@ -268,6 +356,5 @@ def _all_commands(jobs: Sequence[Job], root: Path) -> list[list[str]]:
         for s in j.sets:
             run += ["--set", s]
         lines.append(run)
-        lines.append([*fednl_command(), "evaluate", str(j.run_dir(root)),
-                      *([] if j.aggregation_drop else ["--no-aggregation-drop"])])
+        lines.append(j.eval_command(root))
     return lines

@@ -20,7 +20,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def reproduce(
-    plan: str = typer.Argument("cpu", help="'cpu' (paper-*-cpu presets, SmolLM2-135M) or 'smoke' (tiny model)"),
+    plan: str = typer.Argument("cpu", help="'cpu' (paper-*-cpu presets, SmolLM2-135M), 'memory' (memory-cpu: the memory beyond the window), or 'smoke' / 'memory-smoke' (tiny model)"),
     out: Path = typer.Option(Path("runs/reproduce-cpu"), "--out", "-o", help="root directory of all runs"),
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
     jobs: int = typer.Option(2, min=1, help="runs at a time (one process each)"),

@@ -99,4 +99,8 @@ def build_model(
     param_groups(model)  # raises if a trainable parameter is claimed by no group
     model.fednl_kind = kind
     model.fednl_model_config = model_cfg  # the backbone's identity (checked when a rule file is installed)
+    if kind == "titans" and memory_cfg is not None and memory_cfg.init_rule:
+        from fednl.models.rules import install_rule, load_rule
+
+        install_rule(model, load_rule(memory_cfg.init_rule))
     return model

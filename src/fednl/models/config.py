@@ -114,6 +114,8 @@ class MemoryConfig(BaseModel):
       ``g = sigmoid(<w_h, q̂_t,h> + b_h)`` from the normalised query, ``H (D + 1)`` parameters per layer) or
       ``"input"`` (``g = sigmoid(w_h · x_t + b_h)`` from the layer input, ``H (hidden + 1)`` per layer). ``w``
       starts at zero and ``b`` at ``logit(gate_init)``. Only with ``gate = "learned"``.
+    * ``init_rule``: start the rule and gate from a rule file or a packaged rule name (:mod:`fednl.models.rules`,
+      ``fednl rule list``) instead of the initialisation above; the rule's design must match this one.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -135,6 +137,7 @@ class MemoryConfig(BaseModel):
     write: Literal["all", "evicted"] = "all"
     mix: Literal["convex", "residual"] = "convex"
     gate_source: Literal["const", "query", "input"] = "const"
+    init_rule: str | None = None
 
     @model_validator(mode="after")
     def _check_design(self) -> MemoryConfig:

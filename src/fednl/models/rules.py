@@ -44,7 +44,8 @@ SUFFIX = ".safetensors"
 #: The parameter groups a rule carries (what FedNL shares under ``scope = "rules"``).
 RULE_GROUPS: tuple[str, ...] = ("rule", "gate")
 #: Memory-config fields that describe how the model is run, not what the rule's parameters mean.
-RUNTIME_FIELDS: frozenset[str] = frozenset({"attn_window", "attn_sinks", "gate_override", "mode", "chunk_size"})
+RUNTIME_FIELDS: frozenset[str] = frozenset({"attn_window", "attn_sinks", "gate_override", "mode", "chunk_size",
+                                            "init_rule"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
