@@ -65,7 +65,8 @@ DESIGNS = [
     {"attn_sinks": 0},
     {"write": "evicted"},
     {"write": "evicted", "mix": "residual", "gate_source": "query"},
-    {"write": "evicted", "mix": "convex", "gate_source": "query"},
+    {"write": "evicted", "mix": "convex", "gate_source": "query", "decay_source": "const", "scale": 1.0},
+    {"write": "evicted", "mix": "convex", "gate_source": "query", "decay_source": "key"},
     {"write": "evicted", "mix": "residual", "gate_source": "input", "attn_sinks": 2, "decay": False},
     {"mix": "residual", "gate_source": "query", "attn_window": None},
 ]

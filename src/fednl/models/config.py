@@ -83,6 +83,8 @@ class MemoryConfig(BaseModel):
 
     * ``rule``: ``"delta"`` (the delta rule) or ``"hebbian"`` (plain linear-attention update, ablation).
     * ``decay``: add a Gated-DeltaNet log-decay ``g_t = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` per head.
+      ``decay_source`` = ``"input"`` (that ``a_proj(x)``: ``H * hidden`` parameters per layer, 155k on SmolLM2),
+      ``"key"`` (``<w_h, k̂_t>``: ``H * D``) or ``"const"`` (no projection: a learned per-head decay rate).
     * ``beta_source``: ``"key"`` (``beta = sigmoid(<w_h, k_t> + b_h)`` from the normalised key, TPTT-style) or
       ``"input"`` (``beta = sigmoid(Linear(hidden -> H)(x_t))``). ``beta_init``: ``beta`` at initialisation.
     * ``gate``: ``"learned"`` (``g = sigmoid(logit)``, one logit per head or per channel — ``gate_granularity``,
@@ -122,6 +124,7 @@ class MemoryConfig(BaseModel):
 
     rule: Literal["delta", "hebbian"] = "delta"
     decay: bool = False
+    decay_source: Literal["input", "key", "const"] = "input"
     beta_source: Literal["key", "input"] = "key"
     beta_init: float = Field(0.5, gt=0.0, lt=1.0)
     gate: Literal["learned", "fixed"] = "learned"

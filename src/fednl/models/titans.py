@@ -86,25 +86,46 @@ class InputBeta(nn.Module):
 
 
 class Decay(nn.Module):
-    """Per-head log-decay ``g_t = -exp(A_log) * softplus(a_proj(x_t) + dt_bias)`` (<= 0)."""
+    """Per-head log-decay ``g_t = -exp(A_log) * softplus(z_t + dt_bias)`` (<= 0), Gated-DeltaNet's form.
 
-    def __init__(self, hidden: int, num_heads: int, generator: torch.Generator, dtype: torch.dtype, device: Any = None):
+    ``source`` picks ``z_t``: ``"input"`` — ``a_proj(x_t)`` (``[H, hidden]``, the paper's / GDN's choice),
+    ``"key"`` — ``<w_h, k̂_t,h>`` from the normalised key (``[H, D]``, like the key-based β) or ``"const"`` — 0 (a
+    learned, data-independent decay per head: 2 parameters per head). Projection weights start at zero.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, generator: torch.Generator, dtype: torch.dtype, device: Any = None,
+                 *, source: str = "input", head_dim: int = 0):
         super().__init__()
-        self.a_proj = nn.Linear(hidden, num_heads, bias=False, dtype=dtype, device=device)
+        self.source = source
+        if source == "input":
+            self.a_proj = nn.Linear(hidden, num_heads, bias=False, dtype=dtype, device=device)
+            with torch.no_grad():
+                self.a_proj.weight.zero_()
+        elif source == "key":
+            self.k_weight = nn.Parameter(torch.zeros(num_heads, head_dim, dtype=dtype, device=device))
+        elif source != "const":
+            raise ValueError(f"unknown decay source {source!r}")
         a = torch.empty(num_heads, dtype=torch.float64).uniform_(1.0, 16.0, generator=generator)
         u = torch.rand(num_heads, dtype=torch.float64, generator=generator)
         dt = torch.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
         dt_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-        with torch.no_grad():
-            self.a_proj.weight.zero_()
         self.A_log = nn.Parameter(a.log().to(dtype=dtype, device=device))
         self.dt_bias = nn.Parameter(dt_bias.to(dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
+    def forward(self, x: torch.Tensor, k_hat: torch.Tensor | None = None) -> torch.Tensor:
+        if self.source == "input":
+            z = self.a_proj(x)
+        elif self.source == "key":
+            if k_hat is None:
+                raise ValueError("a key-based decay needs the normalised key")
+            z = (k_hat * self.k_weight).sum(-1)
+        else:
+            z = x.new_zeros(x.shape[:-1] + (self.dt_bias.shape[0],))
+        return -torch.exp(self.A_log) * F.softplus(z + self.dt_bias)
 
     def fednl_param_groups(self) -> dict[str, str]:
-        return {"a_proj.weight": "rule", "A_log": "rule", "dt_bias": "rule"}
+        own = {"input": {"a_proj.weight": "rule"}, "key": {"k_weight": "rule"}, "const": {}}[self.source]
+        return {**own, "A_log": "rule", "dt_bias": "rule"}
 
 
 class TokenGate(nn.Module):
@@ -203,7 +224,8 @@ class TitansAttention(nn.Module):
             self.beta: nn.Module = KeyBeta(H, D, cfg.beta_init, dtype, device)
         else:
             self.beta = InputBeta(self.hidden_size, H, cfg.beta_init, dtype, device)
-        self.decay = Decay(self.hidden_size, H, generator, dtype, device) if cfg.decay else None
+        self.decay = (Decay(self.hidden_size, H, generator, dtype, device, source=cfg.decay_source, head_dim=D)
+                      if cfg.decay else None)
 
     # ------------------------------------------------------------------ groups
     def fednl_param_groups(self) -> dict[str, str]:
@@ -364,7 +386,7 @@ class TitansAttention(nn.Module):
             k_hat = k_hat.repeat_interleave(n_rep, dim=2)
             v = v.repeat_interleave(n_rep, dim=2)
         beta = self.beta(k_hat, x)
-        g = self.decay(x) if self.decay is not None else None
+        g = self.decay(x, k_hat) if self.decay is not None else None
         if g is None and cfg.write == "evicted":
             g = torch.zeros_like(beta)  # the delayed write carries g alongside k, v, beta
         if valid is not None:  # padded positions write nothing and forget nothing
