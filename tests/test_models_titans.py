@@ -401,12 +401,37 @@ def test_bad_memory_config_and_override():
         set_gate_override(_backbone(), 0.0)
 
 
-def test_hf_kv_cache_is_refused_by_a_converted_model():
+def _filled_cache(config):
     from transformers import DynamicCache
 
-    m = build_model("titans", TINY)
-    cache = DynamicCache(config=m.config)
-    m(_ids(B=1, T=4), past_key_values=cache, use_cache=True)  # an empty cache is ignored
+    cache = DynamicCache(config=config)
     cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_titans_layer_refuses_a_filled_hf_cache_under_either_name(name):
+    """HF hands the cache to the attention layer as ``past_key_values`` (older transformers) or ``cache`` (5.x)."""
+    m = build_model("titans", TINY)
+    layer = titans_layers(m)[0]
     with pytest.raises(ValueError, match="StreamingLM"):
-        m(_ids(B=1, T=4), past_key_values=cache, use_cache=True)
+        layer(torch.zeros(1, 4, 64), position_embeddings=None, **{name: _filled_cache(m.config)})
+
+
+def test_hf_kv_cache_is_refused_by_a_converted_model():
+    import warnings
+
+    from transformers import DynamicCache
+
+    from fednl.models.streaming import hf_cache_kwarg
+
+    m = build_model("titans", TINY)
+    # the model's current keyword, and the older ``past_key_values`` where transformers still accepts it as an alias
+    names = sorted({hf_cache_kwarg(m), "past_key_values"})
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias warns; it must still be refused
+            cache = DynamicCache(config=m.config)
+            m(_ids(B=1, T=4), use_cache=True, **{name: cache})  # an empty cache is ignored
+            with pytest.raises(ValueError, match="StreamingLM"):
+                m(_ids(B=1, T=4), use_cache=True, **{name: _filled_cache(m.config)})

@@ -42,6 +42,7 @@ def test_streaming_matches_full_forward(window):
     assert lm.position == 40
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")  # the current HF cache API only
 def test_streaming_baseline_uses_the_hf_cache_and_matches():
     model = load_backbone(TINY64)[0]
     ids = _ids(T=30)

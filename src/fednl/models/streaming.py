@@ -13,13 +13,38 @@ Streaming assumes unpadded, position-aligned batches.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fednl.models.titans import LayerStream, TitansAttention, titans_layers
+
+
+def hf_cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes HF's KV cache: ``cache`` (its current name in transformers
+    5.x) or ``past_key_values`` (older releases, where ``cache`` is unknown)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    # a wrapper whose forward only takes **kwargs: go by the name the installed transformers declares
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def hf_output_cache(out: Any) -> Any:
+    """The KV cache an HF model output carries, read under the name its output class declares (``cache`` or
+    ``past_key_values``), so no deprecated alias is touched."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    return getattr(out, "cache" if "cache" in fields else "past_key_values", None)
 
 
 @contextlib.contextmanager
@@ -98,8 +123,9 @@ class StreamingLM:
                     from transformers import DynamicCache
 
                     self.cache = DynamicCache(config=self.model.config)
-                out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
-                self.cache = out.past_key_values
+                cache_kw = {hf_cache_kwarg(self.model): self.cache}
+                out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kw)
+                self.cache = hf_output_cache(out)
             logits = out.logits
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
