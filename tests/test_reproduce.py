@@ -48,7 +48,7 @@ def test_every_cpu_job_config_validates() -> None:
 
 
 def test_bad_plan_and_seeds() -> None:
-    with pytest.raises(ValueError, match="unknown plan 'nope'; known plans: cpu, smoke"):
+    with pytest.raises(ValueError, match="unknown plan 'nope'; known plans: cpu, memory, memory-smoke, smoke"):
         build_plan("nope", [0])
     with pytest.raises(ValueError, match="at least one seed"):
         build_plan("cpu", [])

@@ -73,7 +73,7 @@ class Job:
     def eval_command(self, root: Path) -> list[str]:
         out = str(self.run_dir(root))
         if self.evaluation == "memory":
-            return [*fednl_command(), "memory-eval", out, "--clients", "heldout"]
+            return [*fednl_command(), "memory-eval", out, "--clients", "heldout", "--max-examples", "6"]
         return [*fednl_command(), "evaluate", out, *([] if self.aggregation_drop else ["--no-aggregation-drop"])]
 
     def run_dir(self, root: Path) -> Path:
