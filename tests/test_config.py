@@ -135,8 +135,8 @@ def test_presets_are_listed_described_and_valid() -> None:
     for n in names:
         runs = load_runs(n)
         assert runs and all(isinstance(r, RunConfig) for r in runs)
-    assert [r.method.name for r in load_runs("quickstart")] == ["fednl", "fedavg"]
-    assert [r.method.name for r in load_runs("quickstart", ["method=fednl", "rounds=1", "seed=7"])] == ["fednl"]
+    assert [r.method.name for r in load_runs("quickstart-niah")] == ["fednl", "fedavg"]
+    assert [r.method.name for r in load_runs("quickstart-niah", ["method=fednl", "rounds=1", "seed=7"])] == ["fednl"]
     tiny = load_config("tiny", ["rounds=5", "seed=9"])
     assert tiny.rounds == 5 and tiny.seed == 9 and tiny.model.source == "tiny"
 
@@ -153,7 +153,7 @@ def test_resolved_toml_roundtrip(tmp_path, cfg_file) -> None:
 
 
 def test_resolved_suite_roundtrip(tmp_path) -> None:
-    runs = load_runs("quickstart")
+    runs = load_runs("quickstart-niah")
     path = save_resolved(runs, tmp_path)
     assert load_runs(str(path)) == runs
 

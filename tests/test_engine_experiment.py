@@ -21,7 +21,7 @@ def result(method: str, accs: dict[str, float], up: int, down: int, rounds: int 
 
 
 def test_run_dirs(tmp_path) -> None:
-    runs = load_runs("quickstart")
+    runs = load_runs("quickstart-niah")
     assert run_dirs(runs[:1], tmp_path) == [tmp_path]
     assert run_dirs(runs, tmp_path) == [tmp_path / "fednl", tmp_path / "fedavg"]
     assert run_dirs([runs[0], runs[0]], tmp_path) == [tmp_path / "fednl", tmp_path / "fednl-2"]

@@ -244,3 +244,12 @@ def test_init_rule_starts_the_memory_from_a_rule_file(tmp_path):
     assert all(torch.equal(p, ref[n]) for n, p in fresh.named_parameters() if n in names)
     with pytest.raises(ValueError, match="another memory design"):
         _model(init_rule=str(path), mix="convex")
+
+
+def test_bench_train_step_reports_both_objectives(capsys):
+    from fednl.bench.train_step import run
+
+    records = run(preset="memory-tiny", tokens=32, repeats=1, threads=1, json_out=True)
+    assert [r["objective"] for r in records] == ["attention_transfer", "lm"]
+    assert all(r["seconds"] > 0 and r["tokens"] == 32 and r["trainable_params"] > 0 for r in records)
+    assert records[0]["tokens_per_s"] == pytest.approx(32 / records[0]["seconds"], rel=0.01)

@@ -49,5 +49,24 @@ def bench_inference_memory(
             typer.echo(f"wrote {out}", err=True)
 
 
+@bench_app.command("train-step")
+def bench_train_step(
+    preset: str = typer.Option("memory-cpu", help="the preset whose model and memory design are timed"),
+    sets: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
+    batch: int = typer.Option(1, min=1, help="sequences per step"),
+    tokens: int = typer.Option(512, min=2, help="tokens per sequence"),
+    repeats: int = typer.Option(3, min=1, help="timed steps per objective (after one warm-up step)"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON list instead of a table"),
+) -> None:
+    """Seconds and tokens/s of one training step of the memory (attention transfer and LM loss)."""
+    from fednl.bench.train_step import run
+    from fednl.cli.errors import user_errors
+
+    with user_errors():
+        run(preset=preset, sets=sets, batch=batch, tokens=tokens, repeats=repeats, threads=threads,
+            json_out=json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

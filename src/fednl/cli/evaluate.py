@@ -47,6 +47,12 @@ def memory_eval(
             f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "window", "full") if c in p))
         typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
                    f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
+        results = Path(run_dir) / "results.json"
+        if results.is_file():
+            comm = json.loads(results.read_text())["comm"]
+            rounds = max(1, len(comm.get("per_round", [])))
+            total = int(comm["bytes_up"]) + int(comm["bytes_down"])
+            typer.echo(f"traffic: {total:,} bytes in {rounds} rounds ({total // rounds:,} per round, both directions)")
         typer.echo(f"wrote {path}")
 
 
