@@ -253,3 +253,16 @@ def test_bench_train_step_reports_both_objectives(capsys):
     assert [r["objective"] for r in records] == ["attention_transfer", "lm"]
     assert all(r["seconds"] > 0 and r["tokens"] == 32 and r["trainable_params"] > 0 for r in records)
     assert records[0]["tokens_per_s"] == pytest.approx(32 / records[0]["seconds"], rel=0.01)
+
+
+def test_passkey_bench_prompts_and_scoring():
+    from fednl.bench.passkey import digit_accuracy, prompts, run
+
+    assert digit_accuracy("12345", " 12345.") == 1.0
+    assert digit_accuracy("12345", " 1x2 9 4") == 0.6  # digits 1, 2, 9, 4 against 1, 2, 3, 4: three in place
+    assert digit_accuracy("12345", " none") == 0.0
+    a, b = prompts(TOK, n=3, filler=50, seed=1), prompts(TOK, n=3, filler=50, seed=1)
+    assert a == b and all(TOK.decode(ids).count(key) == 2 for key, ids in a)
+    res = run(rule="none", model="tiny", window=16, sinks=2, n=2, filler=20, threads=1, json_out=True)
+    assert set(res) >= {"memory", "window", "full"} and res["n"] == 2
+    assert all(0.0 <= res[c]["digit_accuracy"] <= 1.0 for c in ("memory", "window", "full"))

@@ -68,5 +68,26 @@ def bench_train_step(
             json_out=json_out)
 
 
+@bench_app.command("passkey")
+def bench_passkey(
+    rule: str = typer.Option("default", help="a packaged rule name, a rule file, 'default' or 'none'"),
+    model: str | None = typer.Option(None, help="backbone source (default: the rule's own)"),
+    window: int = typer.Option(64, min=1, help="softmax window (tokens)"),
+    sinks: int = typer.Option(4, min=0, help="sink tokens beside the window"),
+    n: int = typer.Option(20, min=1, help="prompts"),
+    filler: int = typer.Option(560, min=0, help="book tokens between the key and the question"),
+    seed: int = typer.Option(0, help="seed of the keys and the filler offsets"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Passkey digit accuracy with the key beyond the window: memory vs window + sinks vs full attention."""
+    from fednl.bench.passkey import run
+    from fednl.cli.errors import user_errors
+
+    with user_errors():
+        run(rule=rule, model=model, window=window, sinks=sinks, n=n, filler=filler, seed=seed, threads=threads,
+            json_out=json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
