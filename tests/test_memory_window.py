@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fednl.models import LoraConfig, MemoryConfig, ModelConfig, StreamingLM, build_model
+from fednl.models import LoraConfig, MemoryConfig, ModelConfig, build_model
 from fednl.models.attention import band_mask
 from fednl.models.groups import param_groups
 from fednl.models.titans import attention_transfer, set_gate_override, set_memory_zero, titans_layers, transfer_loss
+from test_streaming import assert_stream_matches_full_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,15 +74,7 @@ DESIGNS = [
 
 @pytest.mark.parametrize("design", DESIGNS)
 def test_stream_matches_full_forward_for_every_design(design):
-    model = _model(**design)
-    ids = _ids()
-    full = F.log_softmax(model(ids).logits, dim=-1)
-    lm = StreamingLM(model)
-    pieces, s = [], 0
-    for n in (7, 1, 13, 2, 17):
-        pieces.append(lm.feed(ids[:, s : s + n]))
-        s += n
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
+    assert_stream_matches_full_forward(_model(**design), _ids())
 
 
 def test_evicted_memory_is_silent_inside_the_window_and_carries_beyond():

@@ -28,17 +28,21 @@ def _converted(window, **kw):
     return m
 
 
-@pytest.mark.parametrize("window", [None, 1, 6])
-def test_streaming_matches_full_forward(window):
-    model = _converted(window)
-    ids = _ids()
+def assert_stream_matches_full_forward(model, ids, pieces=(7, 1, 13, 2, 17)) -> StreamingLM:
+    """Feed ``ids`` in uneven pieces; the log-probabilities must equal one full forward's. Returns the stream."""
     full = F.log_softmax(model(ids).logits, dim=-1)
     lm = StreamingLM(model)
-    pieces, s = [], 0
-    for n in (7, 1, 13, 2, 17):
-        pieces.append(lm.feed(ids[:, s : s + n]))
+    out, s = [], 0
+    for n in pieces:
+        out.append(lm.feed(ids[:, s : s + n]))
         s += n
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=1e-9, atol=1e-9)
+    return lm
+
+
+@pytest.mark.parametrize("window", [None, 1, 6])
+def test_streaming_matches_full_forward(window):
+    lm = assert_stream_matches_full_forward(_converted(window), _ids())
     assert lm.position == 40
 
 

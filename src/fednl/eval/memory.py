@@ -25,7 +25,7 @@ import torch
 
 from fednl.client.batching import collate, encode_cached
 from fednl.client.trainer import model_device, model_logits
-from fednl.eval.position import token_ce
+from fednl.eval.position import place_token_ce, position_grid, token_ce
 
 CONDITIONS = ("memory", "zeroed", "window", "full")
 
@@ -69,17 +69,10 @@ def token_ce_matrix(model: torch.nn.Module, tokenizer: Any, examples: Sequence[A
     model.eval()
     device = model_device(model)
     enc = [encode_cached(e, tokenizer, seq_len) for e in examples]
-    width = max(len(e.ids) for e in enc)
-    values = np.zeros((len(enc), width), dtype=np.float64)
-    mask = np.zeros((len(enc), width), dtype=bool)
+    values, mask = position_grid(enc)
     for start in range(0, len(enc), batch_size):
-        chunk = enc[start : start + batch_size]
-        batch = collate(chunk, int(tokenizer.eos_id)).to(device)
-        ce = token_ce(model_logits(model, batch.input_ids), batch.targets).cpu().numpy()
-        scored = (batch.targets != -100).cpu().numpy()
-        T = ce.shape[1]
-        values[start : start + len(chunk), 1 : T + 1] = ce[:, : width - 1]
-        mask[start : start + len(chunk), 1 : T + 1] = scored[:, : width - 1]
+        batch = collate(enc[start : start + batch_size], int(tokenizer.eos_id)).to(device)
+        place_token_ce(values, mask, start, token_ce(model_logits(model, batch.input_ids), batch.targets), batch.targets)
     model.train(was_training)
     return values, mask
 

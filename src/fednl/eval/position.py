@@ -53,6 +53,22 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ce.reshape(B, T)
 
 
+def position_grid(encoded: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed ``(values, mask)`` ``[N, width]`` for per-token CE by document position (width: the longest)."""
+    width = max(len(e.ids) for e in encoded)
+    return np.zeros((len(encoded), width), dtype=np.float64), np.zeros((len(encoded), width), dtype=bool)
+
+
+def place_token_ce(values: np.ndarray, mask: np.ndarray, start: int, ce: torch.Tensor, targets: torch.Tensor) -> None:
+    """Write a batch's per-token CE ``[b, T]`` (rows ``start ..``) into the grid: input position ``t`` predicts the
+    token at position ``t + 1``; ``mask`` marks the scored tokens (``targets != -100``)."""
+    width = values.shape[1]
+    ce_np, scored = ce.cpu().numpy(), (targets != IGNORE).cpu().numpy()
+    T, b = ce_np.shape[1], ce_np.shape[0]
+    values[start:start + b, 1:T + 1] = ce_np[:, : width - 1]
+    mask[start:start + b, 1:T + 1] = scored[:, : width - 1]
+
+
 @torch.no_grad()
 def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int,
                    bin_size: int, batch_size: int) -> dict[str, Any]:
@@ -73,9 +89,7 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
     model.eval()
     device = model_device(model)
     enc = [encode_cached(e, tokenizer, seq_len) for e in examples]
-    width = max(len(e.ids) for e in enc)
-    values = np.zeros((len(enc), width), dtype=np.float64)
-    mask = np.zeros((len(enc), width), dtype=bool)
+    values, mask = position_grid(enc)
     mc: list[dict[str, Any]] = []
     for start in range(0, len(enc), batch_size):
         chunk = enc[start:start + batch_size]
@@ -86,12 +100,7 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
                 targets[b] = IGNORE
                 targets[b, : e.n_prompt - 1] = torch.tensor(e.ids[1:e.n_prompt], device=device)
         logits = model_logits(model, batch.input_ids)
-        ce = token_ce(logits, targets).cpu().numpy()
-        scored = (targets != IGNORE).cpu().numpy()
-        T = ce.shape[1]
-        # input position t predicts token position t + 1
-        values[start:start + len(chunk), 1:T + 1] = ce[:, : width - 1]
-        mask[start:start + len(chunk), 1:T + 1] = scored[:, : width - 1]
+        place_token_ce(values, mask, start, token_ce(logits, targets), targets)
         for b, (e, ex) in enumerate(zip(chunk, examples[start:start + batch_size])):
             if ex.kind == "mc":
                 last = logits[b, int(batch.last_prompt[b])].float()
