@@ -207,3 +207,14 @@ def test_memory_table_from_evaluations(tmp_path) -> None:
     assert cells[5] == "0.2500 ± 0.0707"  # gain beyond: 0.2 and 0.3
     assert cells[8] == "62.5 ± 17.7"     # gap closed: 50 % and 75 %
     assert cells[9] == "200 ± 0" and cells[-1] == "2"  # (100 + 300) / 2 rounds
+
+
+def test_select_variants() -> None:
+    from fednl.reproduce import select_variants
+
+    plan = build_plan("memory", [0, 1])
+    sub = select_variants(plan, ["fednl", "local"])
+    assert [j.name for j in sub.jobs] == ["fednl-s0", "local-s0", "fednl-s1", "local-s1"]
+    assert sub.titles == plan.titles
+    with pytest.raises(ValueError, match="unknown variant"):
+        select_variants(plan, ["nope"])

@@ -169,6 +169,16 @@ PLANS: dict[str, Callable[[list[int], int], Plan]] = {"cpu": _cpu_plan, "smoke":
                                                       "memory": _memory_plan, "memory-smoke": _memory_smoke_plan}
 
 
+def select_variants(plan: Plan, labels: Sequence[str]) -> Plan:
+    """The plan restricted to jobs whose label (the run name without ``-s<seed>``) is in ``labels``; an unknown
+    label is an error listing the plan's labels."""
+    known = list(dict.fromkeys(j.name.rsplit("-s", 1)[0] for j in plan.jobs))
+    unknown = [lab for lab in labels if lab not in known]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown} in plan {plan.name!r}; its variants: {', '.join(known)}")
+    return Plan(plan.name, [j for j in plan.jobs if j.name.rsplit("-s", 1)[0] in labels], dict(plan.titles))
+
+
 def fednl_command() -> list[str]:
     """The ``fednl`` console entry point of this interpreter (works without the script on PATH)."""
     return [sys.executable, "-c", "from fednl.cli import main; main()"]

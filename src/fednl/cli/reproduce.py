@@ -28,19 +28,22 @@ def reproduce(
     tables: Path | None = typer.Option(None, help="Markdown tables file (default OUT/tables.md)"),
     tables_only: bool = typer.Option(False, "--tables-only", help="only (re)write the tables from finished runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the commands still to run and exit"),
+    variants: str | None = typer.Option(None, help="run only these variants (comma-separated job labels, e.g. "
+                                                    "'fednl,local'); the tables still cover every finished run"),
 ) -> None:
     """Run FedNL and every paper baseline on the -cpu presets for each seed (skipping finished runs), evaluate
     each run, then write the across-seed tables (docs/RESULTS.md) and a report per experiment."""
-    from fednl.reproduce import build_plan, job_commands, run_plan, shell_line, write_tables
+    from fednl.reproduce import build_plan, job_commands, run_plan, select_variants, shell_line, write_tables
 
     with user_errors():
         p = build_plan(plan, _seeds(seeds), threads)
         if dry_run:
-            for job in p.jobs:
+            for job in (p if variants is None else select_variants(p, variants.split(","))).jobs:
                 for cmd in job_commands(job, out):
                     typer.echo(shell_line(cmd))
             return
-        failures = [] if tables_only else run_plan(p, out, jobs=jobs, log=typer.echo)
+        todo = p if variants is None else select_variants(p, [v.strip() for v in variants.split(",") if v.strip()])
+        failures = [] if tables_only else run_plan(todo, out, jobs=jobs, log=typer.echo)
         path = write_tables(p, out, tables)
         typer.echo(f"wrote {path}")
         if failures:
