@@ -49,8 +49,8 @@ def memory_eval(
                    f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
         results = Path(run_dir) / "results.json"
         if results.is_file():
-            comm = json.loads(results.read_text())["comm"]
-            rounds = max(1, len(comm.get("per_round", [])))
+            rs = json.loads(results.read_text())
+            comm, rounds = rs["comm"], max(1, int(rs.get("rounds", 1)))
             total = int(comm["bytes_up"]) + int(comm["bytes_down"])
             typer.echo(f"traffic: {total:,} bytes in {rounds} rounds ({total // rounds:,} per round, both directions)")
         typer.echo(f"wrote {path}")
