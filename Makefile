@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 QS := runs/quickstart
 demo: $(STAMP)
 	$(BIN)/fednl run quickstart --out $(QS) --overwrite
-	$(BIN)/fednl memory-eval $(QS) --max-examples 3
+	$(BIN)/fednl memory-eval $(QS) --max-examples 2
 	@echo "next: make report  (evaluation views, inference-memory bench and $(QS)/report.html)"
 
 # The quickstart's report: evaluation views (CE by position), a short inference-memory benchmark, then the
