@@ -161,3 +161,21 @@ def test_attention_transfer_trains_only_memory_parameters():
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".token_gate." in n)
     with pytest.raises(RuntimeError, match="no attention-transfer loss"):
         transfer_loss(titans_layers(model))
+
+
+def test_lifting_the_window_of_an_evicted_memory_streams_like_full_attention():
+    """The "full" evaluation condition lifts the window; an evicted-write memory then never receives a token, so a
+    stream (as the passkey benchmark runs it) equals the full-attention forward."""
+    from fednl.eval.memory import condition
+
+    model = _model(write="evicted", mix="convex", gate_source="query")
+    ids = _ids(T=30)
+    with condition(model, "full"):
+        assert_stream_matches_full_forward(model, ids, pieces=(11, 19))
+    for layer in titans_layers(model):
+        layer.window = None  # without the gate override too: the memory stays empty
+    with torch.no_grad():
+        on = model(ids).logits
+        set_gate_override(model, 0.0)
+        off = model(ids).logits
+    torch.testing.assert_close(on, off, rtol=0, atol=0)

@@ -54,7 +54,7 @@ def run(*, preset: str = "memory-cpu", sets: list[str] | None = None, batch: int
         sec = statistics.median(times)
         n_tok = int(b.input_ids.numel())
         records.append({"objective": objective, "preset": preset, "batch": batch, "tokens": n_tok,
-                        "threads": threads, "seconds": round(sec, 3), "tokens_per_s": round(n_tok / sec, 1),
+                        "threads": threads, "seconds": round(sec, 6), "tokens_per_s": round(n_tok / sec, 1),
                         "trainable_params": sum(p.numel() for p in params)})
     if json_out:
         print(json.dumps(records))

@@ -296,10 +296,13 @@ class TitansAttention(nn.Module):
             o_mem = torch.zeros_like(o_mem)
         if self.memory_cfg.write == "evicted" and self.memory_cfg.mix == "convex" and not isinstance(g, float):
             # nothing has been evicted before position W + sinks: the memory is empty there, so mix nothing in
-            start = self.stream.pos - T if self.stream is not None else 0
-            pos = torch.arange(start, start + T, device=o_mem.device)
-            filled = (pos >= int(self.window) + self.sinks).to(o_mem.dtype)[None, :, None, None]  # type: ignore[arg-type]
-            g = g * filled
+            if self.window is None:  # no token ever leaves an unbounded window: the memory stays empty
+                g = g * 0.0
+            else:
+                start = self.stream.pos - T if self.stream is not None else 0
+                pos = torch.arange(start, start + T, device=o_mem.device)
+                filled = (pos >= int(self.window) + self.sinks).to(o_mem.dtype)[None, :, None, None]
+                g = g * filled
         if self.memory_cfg.mix == "residual":
             o = o_soft + g * o_mem
         else:
@@ -396,7 +399,9 @@ class TitansAttention(nn.Module):
             beta = torch.where(m, beta, torch.zeros_like(beta))
             if g is not None:
                 g = torch.where(m, g, torch.zeros_like(g))
-        if cfg.write == "evicted":
+        if cfg.write == "evicted" and self.window is None:
+            beta = torch.zeros_like(beta)  # window lifted (the "full" condition): nothing is ever evicted or written
+        elif cfg.write == "evicted":
             k_hat, v, beta, g = self._evicted_writes(k_hat, v, beta, g)
         if self.stream is not None:  # streaming: carry the state (memory_step picks its own chunking)
             o, self.stream.state = memory.memory_step(
