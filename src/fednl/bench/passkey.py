@@ -16,7 +16,9 @@ import time
 from typing import Any
 
 INTRO = "There is a pass key hidden in this text. Remember it. The pass key is {key}. Remember it: {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+# The blank line and "the number" matter: with " What is the pass key? The pass key is" glued to the filler,
+# SmolLM2-Instruct with full attention answered only 0.10 of the digits (it often echoed the phrase instead).
+QUESTION = "\n\nWhat is the pass key mentioned at the start of this text? The pass key is the number"
 
 
 def prompts(tokenizer: Any, *, n: int, filler: int, seed: int) -> list[tuple[str, list[int]]]:
