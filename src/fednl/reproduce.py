@@ -299,6 +299,7 @@ def memory_table(jobs: Sequence[Job], root: Path) -> str:
     from fednl.report.seeds import mean_std
 
     rows: dict[str, list[dict]] = {}
+    start = "?"
     for j in jobs:
         path = j.run_dir(root) / j.eval_file()
         res = j.run_dir(root) / "results.json"
@@ -307,6 +308,7 @@ def memory_table(jobs: Sequence[Job], root: Path) -> str:
         ev, rs = json.loads(path.read_text()), json.loads(res.read_text())
         rounds = max(1, int(rs.get("rounds", 1)))
         p = ev["pooled"]
+        start = p["ranges"][-1][0]
         rows.setdefault(j.name.rsplit("-s", 1)[0], []).append({
             **{c: p[c]["ranges"][-1]["ce"] for c in ("memory", "zeroed", "window", "full")},
             "inside": p["memory"]["ranges"][0]["ce"] - p["window"]["ranges"][0]["ce"],
@@ -314,12 +316,6 @@ def memory_table(jobs: Sequence[Job], root: Path) -> str:
             "bytes": (rs["comm"]["bytes_up"] + rs["comm"]["bytes_down"]) / rounds, "wall": rs["wall_s"]})
     if not rows:
         return "No memory evaluation has finished.\n"
-    start = "?"
-    for j in jobs:
-        path = j.run_dir(root) / j.eval_file()
-        if path.is_file():
-            start = json.loads(path.read_text())["pooled"]["ranges"][-1][0]
-            break
     cols = [("memory", "memory", 4), ("zeroed", "zeroed twin", 4), ("window", "window + sinks", 4),
             ("full", "full attention", 4), ("gain", "gain beyond", 4), ("inside", "in-window cost", 4),
             ("carried", "carried", 4), ("closed", "gap closed %", 1), ("bytes", "bytes / round", 0),

@@ -133,6 +133,8 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
     over clients. Needs a converted model with ``memory.attn_window`` and a text task."""
     import time
 
+    from fednl.client.state import ClientState
+    from fednl.engine.runstate import RunState
     from fednl.eval.metrics import eval_seq_len
     from fednl.eval.protocol import load_run
 
@@ -153,9 +155,6 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
         raise ValueError(f"clients must be 'heldout' or 'train', got {clients!r}")
     t0 = time.time()
     per_client: dict[str, Any] = {}
-    from fednl.client.state import ClientState
-    from fednl.engine.runstate import RunState
-
     for cid, examples in groups.items():
         examples = examples[:max_examples] if max_examples else examples
         if clients == "heldout":
