@@ -118,6 +118,13 @@ class MemoryConfig(BaseModel):
       starts at zero and ``b`` at ``logit(gate_init)``. Only with ``gate = "learned"``.
     * ``init_rule``: start the rule and gate from a rule file or a packaged rule name (:mod:`fednl.models.rules`,
       ``fednl rule list``) instead of the initialisation above; the rule's design must match this one.
+    * ``cache``: a bounded, surprise-selected sparse cache beside the window (Titans' "surprise", LoLA's cache of
+      the pairs the memory recalls worst). Every ``cache_every`` tokens, the tokens that left the window since the
+      last update are scored by how badly the memory recalled them just before they were written,
+      ``mean over the heads of the KV group of ||v - S^T k||^2`` (``S`` the memory state at the previous update),
+      and the ``cache`` highest-scoring evicted tokens of each KV head stay visible to the softmax path. No
+      parameters; the state stays bounded (``cache + 2 window + cache_every`` tokens). ``0`` (default) = off.
+      Needs ``write = "evicted"``. An inference-time option: attention transfer refuses it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -141,9 +148,14 @@ class MemoryConfig(BaseModel):
     mix: Literal["convex", "residual"] = "convex"
     gate_source: Literal["const", "query", "input"] = "const"
     init_rule: str | None = None
+    cache: int = Field(0, ge=0)
+    cache_every: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _check_design(self) -> MemoryConfig:
+        if self.cache and self.write != "evicted":
+            raise ValueError("cache needs write = 'evicted' (tokens are scored by the memory just before it writes "
+                             "them) and so a window")
         if self.attn_window is None and self.attn_sinks:
             raise ValueError("attn_sinks needs attn_window (without a window every token is visible anyway)")
         if self.write == "evicted" and self.attn_window is None:

@@ -159,7 +159,12 @@ class LayerStream:
     softmax path still sees, ``k``/``v`` ``[B, Hkv, L, D]`` at absolute positions ``k_pos`` ``[L]`` (the sink tokens
     plus the last ``window - 1``; all of them when the window is None); with ``write = "evicted"``, the last
     ``window`` tokens' memory inputs not yet written (``pending``: k̂, v, β, g); and the tokens seen so far.
-    Everything is bounded by ``sinks + 2 window`` tokens when a window is set."""
+    Everything is bounded by ``sinks + 2 window`` tokens when a window is set.
+
+    With a sparse cache (``MemoryConfig.cache``): the kept evicted tokens of each KV head (``cache_k``/``cache_v``
+    ``[B, Hkv, C, D]``, their positions ``cache_pos`` and surprise ``cache_score`` ``[B, Hkv, C]``), the tokens not
+    yet scored (``ring``: post-RoPE k, v and normalised k̂, ``[B, Hkv, L, D]`` at ``ring_pos``; at most
+    ``window + cache_every`` of them) and the memory state at the last cache update (``scored_state``)."""
 
     state: torch.Tensor | None = None
     k: torch.Tensor | None = None
@@ -167,21 +172,33 @@ class LayerStream:
     k_pos: torch.Tensor | None = None
     pending: tuple[torch.Tensor, ...] | None = None
     pos: int = 0
+    cache_k: torch.Tensor | None = None
+    cache_v: torch.Tensor | None = None
+    cache_pos: torch.Tensor | None = None
+    cache_score: torch.Tensor | None = None
+    ring: tuple[torch.Tensor, ...] | None = None
+    ring_pos: torch.Tensor | None = None
+    scored_state: torch.Tensor | None = None
+
+    _TENSORS = ("state", "k", "v", "cache_k", "cache_v", "cache_pos", "cache_score", "scored_state")
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.state, self.k, self.v, *(self.pending or ())) if t is not None]
+        named = [getattr(self, n) for n in self._TENSORS]
+        return [t for t in (*named, *(self.pending or ()), *(self.ring or ())) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def detach_(self) -> None:
         """Cut the autograd history (truncated BPTT between segments); values are kept."""
-        for name in ("state", "k", "v"):
+        for name in self._TENSORS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.detach())
         if self.pending is not None:
             self.pending = tuple(t.detach() for t in self.pending)
+        if self.ring is not None:
+            self.ring = tuple(t.detach() for t in self.ring)
 
 
 class TitansAttention(nn.Module):
@@ -202,6 +219,8 @@ class TitansAttention(nn.Module):
         self.memory_cfg = cfg
         self.window = cfg.attn_window
         self.sinks = cfg.sinks
+        self.cache_size = int(cfg.cache)  # evicted tokens kept per KV head (0: no sparse cache)
+        self.cache_every = int(cfg.cache_every)
         self.gate_override: float | None = cfg.gate_override
         self.memory_zero = False  # True: the memory output is forced to zero (the "zeroed-memory twin")
         self.transfer = False  # True: attention-transfer mode (see forward)
@@ -265,6 +284,19 @@ class TitansAttention(nn.Module):
                 )
         if position_embeddings is None:
             raise ValueError("TitansAttention needs position_embeddings (cos, sin) from the HF model")
+        if self._cache_on():
+            return self._forward_cached(hidden_states, position_embeddings, attention_mask)
+        return self._forward(hidden_states, position_embeddings, attention_mask)
+
+    def _cache_on(self) -> bool:
+        return self.cache_size > 0 and self.window is not None
+
+    def _forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, None]:
         B, T, _ = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(hidden_states).view(B, T, H, D)
@@ -276,6 +308,8 @@ class TitansAttention(nn.Module):
         k_rot = apply_rope(k.transpose(1, 2), cos, sin)
         v_t = v.transpose(1, 2)
         if self.stream is not None:
+            if self._cache_on():
+                self._ring_append(k_rot, v_t, k)
             o_soft = self._stream_softmax(q_rot, k_rot, v_t)
             valid = None
         else:
@@ -355,9 +389,15 @@ class TitansAttention(nn.Module):
             k_pos = torch.cat([st.k_pos, new_pos])
         else:
             k_all, v_all, k_pos = k, v, new_pos
-        out = softmax_attention(
-            q, k_all, v_all, scale=self.scaling, mask=band_mask(new_pos, k_pos, self.window, self.sinks)
-        )
+        mask = band_mask(new_pos, k_pos, self.window, self.sinks)
+        if st.cache_k is not None and self._cache_on():  # the cached evicted tokens: always in the past, never in band
+            B, H = q.shape[0], q.shape[1]
+            seen = (st.cache_pos >= 0).repeat_interleave(self.num_key_value_groups, dim=1)  # [B, H, C]
+            mask = torch.cat([seen[:, :, None, :].expand(B, H, T, -1), mask.expand(B, H, T, -1)], dim=-1)
+            out = softmax_attention(q, torch.cat([st.cache_k, k_all], dim=2), torch.cat([st.cache_v, v_all], dim=2),
+                                    scale=self.scaling, mask=mask)
+        else:
+            out = softmax_attention(q, k_all, v_all, scale=self.scaling, mask=mask)
         st.pos += T
         if self.window is None:
             st.k, st.v, st.k_pos = k_all, v_all, k_pos
@@ -371,6 +411,102 @@ class TitansAttention(nn.Module):
             else:
                 st.k = st.v = st.k_pos = None
         return out
+
+    # ------------------------------------------------------------------ sparse cache
+    def _forward_cached(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, None]:
+        """The layer with a sparse cache: the input is cut at the cache's update points (every ``cache_every``
+        absolute positions) and run piece by piece through the streaming path, so a full forward and a stream
+        see the same cache at every position. A full forward streams through a temporary state."""
+        if self.transfer:
+            raise ValueError("attention transfer does not run with a sparse cache (memory.cache); train without it "
+                             "and set the cache at evaluation")
+        T = hidden_states.shape[1]
+        valid = _valid_positions(attention_mask, T)
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("the sparse cache (memory.cache) does not take padded batches; score unpadded sequences")
+        own = self.stream is None
+        if own:
+            self.stream = LayerStream()
+        st = self.stream
+        assert st is not None
+        cos, sin = position_embeddings
+        outs, a = [], 0
+        try:
+            while a < T:
+                b = min(T, a + self.cache_every - st.pos % self.cache_every)
+                outs.append(self._forward(hidden_states[:, a:b], (cos[:, a:b], sin[:, a:b]), None)[0])
+                if st.pos % self.cache_every == 0:
+                    self._cache_update()
+                a = b
+        finally:
+            if own:
+                self.stream = None
+        return torch.cat(outs, dim=1), None
+
+    def _ring_append(self, k_rot: torch.Tensor, v_t: torch.Tensor, k: torch.Tensor) -> None:
+        """Queue this piece's non-sink tokens for scoring once they have left the window."""
+        st = self.stream
+        assert st is not None
+        T = k_rot.shape[2]
+        pos = torch.arange(st.pos, st.pos + T, device=k_rot.device)
+        keep = pos >= self.sinks
+        if not bool(keep.any()):
+            return
+        idx = keep.nonzero().squeeze(1)
+        new = (k_rot.index_select(2, idx), v_t.index_select(2, idx),
+               F.normalize(k, dim=-1).transpose(1, 2).index_select(2, idx))
+        if st.ring is None:
+            st.ring, st.ring_pos = new, pos[idx]
+        else:
+            st.ring = tuple(torch.cat([a, b], dim=2) for a, b in zip(st.ring, new))
+            st.ring_pos = torch.cat([st.ring_pos, pos[idx]])
+
+    def _surprise(self, k_hat: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """``[B, Hkv, L]``: how badly the memory ``state`` recalls each (k̂, v) pair, ``||v - S^T k̂||^2`` averaged
+        over the query heads that share the KV head (an empty memory recalls nothing: ``||v||^2``)."""
+        with torch.no_grad():
+            if state is None:
+                return v.float().pow(2).sum(-1)
+            n = self.num_key_value_groups
+            B, Hkv, L, _ = v.shape
+            pred = k_hat.float().repeat_interleave(n, dim=1) @ state.float()  # [B, H, L, Dv]
+            err = (v.float().repeat_interleave(n, dim=1) - pred).pow(2).sum(-1)
+            return err.view(B, Hkv, n, L).mean(dim=2)
+
+    def _cache_update(self) -> None:
+        """At an update point: score the queued tokens that have left the window against the memory as it was at
+        the previous update (none of them written yet), merge them with the cache, keep the top ``cache_size`` per
+        KV head; the rest are dropped (the memory holds them)."""
+        st = self.stream
+        assert st is not None and self.window is not None
+        if st.ring_pos is not None:
+            out = st.ring_pos <= st.pos - int(self.window)  # the query at st.pos no longer sees these
+            if bool(out.any()):
+                idx, rest = out.nonzero().squeeze(1), (~out).nonzero().squeeze(1)
+                k_rot, v, k_hat = (t.index_select(2, idx) for t in st.ring)
+                pos = st.ring_pos[idx]
+                if rest.numel():
+                    st.ring, st.ring_pos = tuple(t.index_select(2, rest) for t in st.ring), st.ring_pos[rest]
+                else:
+                    st.ring = st.ring_pos = None
+                score = self._surprise(k_hat, v, st.scored_state)
+                B, Hkv, L = score.shape
+                pos = pos.view(1, 1, L).expand(B, Hkv, L)
+                if st.cache_k is not None:
+                    k_rot, v = torch.cat([st.cache_k, k_rot], dim=2), torch.cat([st.cache_v, v], dim=2)
+                    pos, score = torch.cat([st.cache_pos, pos], dim=-1), torch.cat([st.cache_score, score], dim=-1)
+                if score.shape[-1] > self.cache_size:
+                    top = score.topk(self.cache_size, dim=-1).indices.sort(dim=-1).values  # keep stream order
+                    rows = top[..., None].expand(-1, -1, -1, k_rot.shape[-1])
+                    k_rot, v = k_rot.gather(2, rows), v.gather(2, rows)
+                    pos, score = pos.gather(-1, top), score.gather(-1, top)
+                st.cache_k, st.cache_v, st.cache_pos, st.cache_score = k_rot, v, pos, score
+        st.scored_state = None if st.state is None else st.state.detach()
 
     def _memory(
         self,
@@ -448,7 +584,7 @@ class TitansAttention(nn.Module):
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rule={c.rule}, "
             f"decay={c.decay}, gate={c.gate}/{c.gate_granularity}/{c.gate_source}, window={self.window}, "
-            f"sinks={self.sinks}, write={c.write}, mix={c.mix}"
+            f"sinks={self.sinks}, write={c.write}, mix={c.mix}" + (f", cache={self.cache_size}" if self.cache_size else "")
         )
 
 
