@@ -1,4 +1,4 @@
-"""The one atomic-write core (``fednl.engine.atomic.atomic_open``) behind both public writers."""
+"""The one atomic-write core (``fednl.util.atomic.atomic_open``) behind both public writers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from fednl.data.io import atomic_write_lines
-from fednl.engine.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from fednl.util.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 
 
 def _mode(path) -> int:

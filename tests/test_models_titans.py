@@ -23,7 +23,8 @@ from fednl.models import (
     set_gate_override,
     titans_layers,
 )
-from fednl.models.build import _KINDS, register_model_kind
+from fednl.models.build import KINDS, register_model_kind
+from fednl.models.spec import ModelSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -360,11 +361,13 @@ def test_model_kind_registry():
         m = build_model("test-identity", TINY, seed=5)
         assert calls == [("LlamaForCausalLM", 5)] and all(not p.requires_grad for p in m.parameters())
         register_model_kind("test-identity", builder)  # same builder again: fine
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ValueError, match="registered twice"):
             register_model_kind("test-identity", lambda *a: a[0])
+        with pytest.raises(ValueError, match=r"model kind 'test-identity': unknown parameter\(s\) \['r'\]; it takes none"):
+            build_model(ModelSpec(kind="test-identity", params={"r": 2}), TINY)
     finally:
-        _KINDS.pop("test-identity", None)
-    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; known kinds: .*lora.*titans"):
+        KINDS._items.pop("test-identity", None)
+    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; known: .*lora.*titans"):
         build_model("nope", TINY)
 
 

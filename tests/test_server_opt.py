@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from fednl.engine.server_opt import ServerOptConfig, server_step
+from fednl.strategies.server_opt import ServerOptConfig, server_step
 from fednl.strategies.base import ClientReply, Payload
 from fednl.strategies.fedavg import FedAvg
 from test_resume import assert_same_run

@@ -98,10 +98,10 @@ def test_options_are_validated() -> None:
 
 
 def test_registration_and_model_kinds() -> None:
-    from fednl.strategies import _REGISTRY
+    from fednl.strategies import get_strategy
 
-    assert _REGISTRY["fednl"] is FedNL and FedNL.model_kind == "titans"
-    assert _REGISTRY["fedavg"] is FedAvg and FedAvg.model_kind == "lora"
+    assert get_strategy("fednl") is FedNL and FedNL.model_spec(None).kind == "titans"
+    assert get_strategy("fedavg") is FedAvg and FedAvg.model_spec(None).kind == "lora"
 
 
 def test_sampling_fraction_is_seeded_and_keeps_order() -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fednl.models import LoRALinear, build_model, param_groups
-from fednl.models.floral import FloralLinear, FloralRouter, floral_kind, floral_modules
+from fednl.models.floral import FloralLinear, FloralRouter, floral_modules
+from fednl.models.spec import ModelSpec
 from fednl.strategies.base import ClientReply, Payload, StrategyError, weighted_mean
 from fednl.strategies.floral import (
     ORACLE_MARGIN,
@@ -118,10 +119,11 @@ def test_router_noise_only_in_training_and_min_prob_clamp() -> None:
     assert router.probs() is p  # one draw per forward pass, shared by every layer
 
 
-def test_model_kind_per_adaptor_count() -> None:
-    assert floral_kind(4) == "floral" and floral_kind(3) == "floral-c3"
-    assert FLoRAL.model_kind_for(FLoRAL.Options(n_adaptors=3)) == "floral-c3"
-    model = build_model("floral-c3", TINY, None, LORA, 0)
+def test_model_spec_carries_the_adaptor_count() -> None:
+    spec = FLoRAL.model_spec(FLoRAL.Options(n_adaptors=3))
+    assert spec == ModelSpec(kind="floral", params={"n_adaptors": 3}) and spec.label == "floral(n_adaptors=3)"
+    model = build_model(spec, TINY, None, LORA, 0)
+    assert model.fednl_kind == "floral" and model.fednl_model_spec == spec
     assert all(m.n_adaptors == 3 for m in floral_modules(model).values())
     groups = param_groups(model)
     assert groups["router"] == {"floral_router.weight"}
@@ -196,7 +198,7 @@ def test_c1_fixed_router_is_fedavg_on_base_plus_lora(tmp_path) -> None:
     # Prepare: the same C = 1 FLoRAL model under FLoRAL (fixed router, no preconditioning) and under FedAvg
     opts = FLoRAL.Options(n_adaptors=1, train_router=False, precondition=False)
     m_fl, s_fl = build_for("floral", opts)
-    m_avg, s_avg = build_for("fedavg", kind=floral_kind(1))
+    m_avg, s_avg = build_for("fedavg", kind=ModelSpec(kind="floral", params={"n_adaptors": 1}))
     # Execute (no gradient clipping: FedAvg's global norm would include the router's zero gradient, which
     # changes the float32 reduction order and so the last bit of the clip factor)
     run_sim(m_fl, s_fl, tmp_path / "floral", grad_clip=0.0)
@@ -220,7 +222,7 @@ def test_router_never_crosses_the_wire_and_stays_per_client(tmp_path) -> None:
 
 def test_router_pass_starts_at_the_embedding_even_through_the_body_and_after_deepcopy() -> None:
     # The trainer may call the body (model.model) and apply the head itself; a deep copy must keep working.
-    model = __import__("copy").deepcopy(build_model("floral-c2", TINY, None, LORA, 0))
+    model = __import__("copy").deepcopy(build_model(ModelSpec(kind="floral", params={"n_adaptors": 2}), TINY, None, LORA, 0))
     model.train()
     x = torch.randint(0, TINY.tiny_vocab, (2, 6))
     for _ in range(2):  # a stale cached mixture would make the second backward fail

@@ -15,7 +15,7 @@ from fednl.client.state import ClientState
 from fednl.config import EngineConfig, TrainConfig
 from fednl.engine.runstate import load_checkpoint
 from fednl.engine.simulator import RunSpec, Simulator
-from fednl.models import LoraConfig, ModelConfig, build_model, param_groups
+from fednl.models import LoraConfig, ModelConfig, ModelSpec, build_model, param_groups
 from fednl.strategies import get_strategy
 from fednl.strategies.base import ClientContext, Strategy
 from test_engine_toy import tokenizer, toy_task
@@ -27,12 +27,12 @@ TINY = ModelConfig(source="tiny", tiny_hidden=32, tiny_layers=2, tiny_heads=4, t
 LORA = LoraConfig(r=2, alpha=4.0)
 
 
-def build_for(name: str, options: BaseModel | None = None, *, kind: str | None = None, lora: LoraConfig = LORA,
+def build_for(name: str, options: BaseModel | None = None, *, kind: ModelSpec | str | None = None, lora: LoraConfig = LORA,
               seed: int = 0) -> tuple[torch.nn.Module, Strategy]:
     """A fresh tiny model of the strategy's kind (or ``kind``) and the strategy on its parameter groups."""
     cls = get_strategy(name)
     opts = options if options is not None else cls.Options()
-    model = build_model(kind or cls.model_kind_for(opts), TINY, None, lora, seed)
+    model = build_model(kind or cls.model_spec(opts), TINY, None, lora, seed)
     return model, cls(opts, groups=param_groups(model))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from fednl.engine.server_opt import ServerOptConfig
+from fednl.strategies.server_opt import ServerOptConfig
 from fednl.strategies.base import ClientReply, Payload, StrategyError
 from fednl.strategies.mtdao import MTDAO
 from test_resume import assert_same_run

@@ -36,10 +36,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, model_serializer, model_validator
 
 from fednl.data.config import TASK_NAMES, TaskConfig
-from fednl.engine.atomic import atomic_write_text
+from fednl.util.atomic import atomic_write_text
 from fednl.engine.codecs import WireSpec
 from fednl.engine.flower_settings import FlowerResources
-from fednl.engine.server_opt import SERVER_OPT_NAMES, ServerOptConfig
+from fednl.strategies.server_opt import SERVER_OPT_NAMES, ServerOptConfig
 from fednl.models.config import LoraConfig, MemoryConfig, ModelConfig
 from fednl.strategies import get_strategy
 
@@ -207,6 +207,18 @@ class MethodConfig(BaseModel):
     def _flat(self) -> dict[str, Any]:
         return {"name": self.name, **self.options.model_dump(mode="json")}
 
+    def strategy_class(self) -> type[Any]:
+        """The registered :class:`~fednl.strategies.base.Strategy` subclass of ``name``."""
+        return get_strategy(self.name)
+
+    def model_spec(self) -> Any:
+        """The :class:`~fednl.models.spec.ModelSpec` this method trains (kind + parameters from its options)."""
+        return self.strategy_class().model_spec(self.options)
+
+    def build(self, *, groups: Any) -> Any:
+        """The strategy with these options on a model's parameter ``groups``."""
+        return self.strategy_class()(self.options, groups=groups)
+
 
 class RunConfig(BaseModel):
     """One federated run: seed, rounds, method, model (+ memory conversion + LoRA), task, training, engine."""
@@ -224,7 +236,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     flower: FlowerResources = Field(default_factory=FlowerResources)  # Ray resources of `fednl flower simulate`
-    server_opt: ServerOptConfig | None = None  # outer optimiser on the aggregate (fednl.engine.server_opt)
+    server_opt: ServerOptConfig | None = None  # outer optimiser on the aggregate (fednl.strategies.server_opt)
     out: str | None = None  # output directory (the CLI's --out wins)
 
     @model_validator(mode="after")

@@ -252,7 +252,7 @@ def run_plan(plan: Plan, root: str | Path, *, jobs: int = 2, log: Callable[[str]
 def write_tables(plan: Plan, root: str | Path, out: str | Path | None = None) -> Path:
     """Across-seed Markdown tables of every experiment with finished runs (``root/tables.md`` by default), and a
     ``report.html`` per experiment. Experiments without finished runs are listed as not run."""
-    from fednl.engine.atomic import atomic_write_text
+    from fednl.util.atomic import atomic_write_text
     from fednl.report import load_run_dir, write_report
     from fednl.report.seeds import curve_table, markdown_table, seed_groups
 

@@ -43,7 +43,7 @@ def bench_inference_memory(
         records = run(json_out=json_out, lengths=parsed, baseline_max=baseline_max, window=window,
                       threads=threads, sinks=sinks)
         if out is not None:
-            from fednl.engine.atomic import atomic_write_json
+            from fednl.util.atomic import atomic_write_json
 
             atomic_write_json(out, records)
             typer.echo(f"wrote {out}", err=True)

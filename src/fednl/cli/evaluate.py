@@ -35,7 +35,7 @@ def memory_eval(
     """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
     import json
 
-    from fednl.engine.atomic import atomic_write_text
+    from fednl.util.atomic import atomic_write_text
     from fednl.eval.memory import run_memory_views
 
     with user_errors():

@@ -25,7 +25,7 @@ def report(
         path = write_report(run_dirs, out, memory_bench=memory_bench, title=title)
         typer.echo(f"wrote {path}")
         if markdown is not None:
-            from fednl.engine.atomic import atomic_write_text
+            from fednl.util.atomic import atomic_write_text
             from fednl.report import load_run_dir
             from fednl.report.seeds import markdown_table, seed_groups
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fednl.engine.atomic import atomic_write_bytes
+from fednl.util.atomic import atomic_write_bytes
 
 PARAM_PREFIX = "param/"
 OPT_PREFIX = "opt/"

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fednl.data.types import FederatedTask, canonical_json
-from fednl.engine.atomic import atomic_open
+from fednl.util.atomic import atomic_open
 
 
 class DataFileError(ValueError):
@@ -27,7 +27,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_lines(path: str | Path, chunks: Iterable[str]) -> Path:
     """Write the concatenated ``chunks`` to ``path`` as UTF-8, streamed and atomically
-    (:func:`fednl.engine.atomic.atomic_open`: temp file in the same folder, fsync, then replace)."""
+    (:func:`fednl.util.atomic.atomic_open`: temp file in the same folder, fsync, then replace)."""
     path = Path(path)
     umask = os.umask(0)
     os.umask(umask)

@@ -2,5 +2,5 @@
 the run state (checkpoint / resume).
 
 Import the sub-modules directly (``fednl.engine.simulator``, ``fednl.engine.ledger``, ...); this package
-imports nothing heavy so that ``fednl.client`` can use :mod:`fednl.engine.atomic` without a cycle.
+imports nothing itself.
 """

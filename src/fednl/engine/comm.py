@@ -26,7 +26,7 @@ def round_bytes(method: str, model_cfg: ModelConfig, memory_cfg: MemoryConfig, l
 
     cls = get_strategy(method)
     opts = cls.Options.model_validate(options or {})
-    model = build_model(cls.model_kind_for(opts), model_cfg, memory_cfg, lora_cfg, seed=seed)
+    model = build_model(cls.model_spec(opts), model_cfg, memory_cfg, lora_cfg, seed=seed)
     try:
         return strategy_round_bytes(cls(opts, groups=param_groups(model)), model, wire_dtype, clients=clients)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fednl.config import RESOLVED_NAME, RunConfig, save_resolved
-from fednl.engine.atomic import atomic_write_json
+from fednl.util.atomic import atomic_write_json
 from fednl.engine.simulator import RunSpec, Simulator, human_bytes
 from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC
 from fednl.strategies import get_strategy
@@ -40,18 +40,17 @@ def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Sim
     from fednl.models.groups import param_groups
     from fednl.models.loading import load_backbone
 
-    strategy_cls = get_strategy(cfg.method.name)
-    kind = strategy_cls.model_kind_for(cfg.method.options)
-    model = build_model(kind, cfg.model, cfg.memory, cfg.lora, seed=cfg.seed)
+    model_spec = cfg.method.model_spec()
+    model = build_model(model_spec, cfg.model, cfg.memory, cfg.lora, seed=cfg.seed)
     _, tokenizer = load_backbone(cfg.model)
     hf_config = getattr(model, "config", None)
     if getattr(hf_config, "use_cache", False):
         hf_config.use_cache = False  # training/eval never reuse a KV cache
     model.to(resolve_device(cfg.engine.device))
-    strategy = strategy_cls(cfg.method.options, groups=param_groups(model))
+    strategy = cfg.method.build(groups=param_groups(model))
     task = build_task(cfg.task, tokenizer, cfg.seed)
     spec = RunSpec(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
-                   method=cfg.method.name, model_name=f"{cfg.model.source}/{kind}", config=cfg.to_dict(),
+                   method=cfg.method.name, model_name=f"{cfg.model.source}/{model_spec.label}", config=cfg.to_dict(),
                    server_opt=cfg.server_opt)
     return Simulator(model, tokenizer, task, strategy, spec, log=log)
 

@@ -48,15 +48,14 @@ def export_rule(run_dir: str | Path, out: str | Path, *, notes: dict[str, Any] |
     from fednl.engine.simulator import model_fingerprint
     from fednl.models.build import build_model
     from fednl.models.rules import RULE_GROUPS, rule_names, save_rule
-    from fednl.strategies import get_strategy
-
     run_dir = Path(run_dir)
     cfg, ckpt = finished_run(run_dir, verb="export the rule of")
-    kind = get_strategy(cfg.method.name).model_kind_for(cfg.method.options)
-    if kind != "titans":
-        raise ValueError(f"{run_dir}: method {cfg.method.name!r} trains a {kind!r} model, which has no memory rule")
+    spec = cfg.method.model_spec()
+    if spec.kind != "titans":
+        raise ValueError(f"{run_dir}: method {cfg.method.name!r} trains a {spec.kind!r} model, which has no memory "
+                         "rule")
     state = load_checkpoint(ckpt)
-    model = build_model(kind, cfg.model, cfg.memory, cfg.lora, seed=cfg.seed)
+    model = build_model(spec, cfg.model, cfg.memory, cfg.lora, seed=cfg.seed)
     if state.info.get("fingerprint") not in (None, model_fingerprint(model)):
         raise ValueError(f"{run_dir}: the rebuilt model differs from the checkpointed run's model")
     names = [n for g in RULE_GROUPS for n in rule_names(model)[g]]

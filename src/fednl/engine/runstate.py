@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fednl.client.state import ClientState
-from fednl.engine.atomic import atomic_write_text
+from fednl.util.atomic import atomic_write_text
 from fednl.engine.ledger import Ledger
 from fednl.strategies.base import Params
 

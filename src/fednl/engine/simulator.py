@@ -14,7 +14,7 @@ newest checkpoint to a bit-identical end.
 Every payload crosses :class:`~fednl.engine.wire.Wire` (the run's codec per direction) and is counted by the
 ledger; ``engine.max_bytes`` ends the run after the last round whose traffic fits (the round that would cross it
 is discarded and the run rolls back to the checkpoint before it). ``[server_opt]`` puts an outer optimiser on
-the strategy's aggregate (:mod:`fednl.engine.server_opt`).
+the strategy's aggregate (:mod:`fednl.strategies.server_opt`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from fednl.client.state import ClientState
 from fednl.client.trainer import run_client_round
-from fednl.engine.atomic import atomic_write_json, atomic_write_text
+from fednl.util.atomic import atomic_write_json, atomic_write_text
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
-from fednl.engine.server_opt import server_step
+from fednl.strategies.server_opt import server_step
 from fednl.engine.wire import Wire, payload_bytes
 from fednl.eval.metrics import PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
@@ -113,7 +113,7 @@ class RunSpec:
     method: str
     model_name: str
     config: dict[str, Any] = field(default_factory=dict)  # resolved config (JSON form), checked on resume
-    server_opt: Any = None  # a fednl.engine.server_opt.ServerOptConfig, or None (the aggregate is the new global)
+    server_opt: Any = None  # a fednl.strategies.server_opt.ServerOptConfig, or None (the aggregate is the new global)
 
 
 class BudgetExhausted(Exception):

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from fednl.client.state import ClientState
-from fednl.engine.atomic import atomic_write_json
+from fednl.util.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths

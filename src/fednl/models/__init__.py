@@ -5,6 +5,7 @@ Importing this package does not import ``transformers`` (it is imported when a b
 Main entry points::
 
     model = build_model("titans", ModelConfig(source="smollm2"), MemoryConfig(attn_window=512), LoraConfig(), seed=0)
+    model = build_model(ModelSpec(kind="floral", params={"n_adaptors": 3}), ModelConfig(source="tiny"))
     groups = param_groups(model)          # {"frozen", "lora", "rule", "gate"} -> parameter names
     lm = StreamingLM(model); logprobs = lm.feed(ids)
 
@@ -12,6 +13,7 @@ Main entry points::
 """
 
 from fednl.models.build import build_lora, build_model, build_titans, model_kinds, register_model_kind
+from fednl.models.spec import ModelSpec
 from fednl.models.config import LLAMA_LINEARS, QKV, LoraConfig, MemoryConfig, ModelConfig
 from fednl.models.groups import (
     BASE_GROUPS,
@@ -43,6 +45,7 @@ __all__ = [
     "LoraConfig",
     "MemoryConfig",
     "ModelConfig",
+    "ModelSpec",
     "StreamingLM",
     "TitansAttention",
     "Tokenizer",

@@ -1,17 +1,19 @@
-"""Model kinds: a registry of builders and :func:`build_model`, which strategies' ``model_kind`` goes through.
+"""Model kinds: a registry of builders and :func:`build_model`, which a strategy's :class:`ModelSpec` goes through.
 
-A builder is ``builder(backbone, memory_cfg, lora_cfg, seed) -> nn.Module``; it receives a fresh deep copy of the
-cached backbone (frozen: every parameter has ``requires_grad=False``) and returns the model to train, whose new
-trainable parameters are claimed by groups (see :mod:`fednl.models.groups`). Kinds registered here: ``"titans"``
-(Titans dual-path conversion + LoRA) and ``"lora"`` (plain backbone + LoRA). Other kinds (``floral``,
-``treelora``, ``mamba``) register themselves from their own modules, which are imported when
-``fednl.strategies`` loads its strategy files; :func:`build_model` triggers that before looking a kind up.
+A builder is ``builder(backbone, memory_cfg, lora_cfg, seed, **params) -> nn.Module``; it receives a fresh deep
+copy of the cached backbone (frozen: every parameter has ``requires_grad=False``) and the spec's parameters as
+keyword-only arguments, and returns the model to train, whose new trainable parameters are claimed by groups (see
+:mod:`fednl.models.groups`). Kinds registered here: ``"titans"`` (Titans dual-path conversion + LoRA) and
+``"lora"`` (plain backbone + LoRA). Other kinds (``floral``, ``treelora``, ``mamba``) register themselves in their
+own modules of this package (:func:`register_model_kind`), which the registry imports on the first look-up.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -19,33 +21,29 @@ from fednl.models.config import LoraConfig, MemoryConfig, ModelConfig
 from fednl.models.groups import param_groups
 from fednl.models.loading import load_backbone
 from fednl.models.lora import inject_lora
+from fednl.models.spec import ModelSpec
 from fednl.models.titans import convert_to_titans
+from fednl.util.registry import Registry
 
-ModelBuilder = Callable[[nn.Module, MemoryConfig, LoraConfig, int], nn.Module]
+ModelBuilder = Callable[..., nn.Module]
 
-_KINDS: dict[str, ModelBuilder] = {}
+KINDS: Registry[ModelBuilder] = Registry("model kind", "fednl.models")
 
 
 def register_model_kind(kind: str, builder: ModelBuilder) -> ModelBuilder:
     """Register ``builder`` under ``kind`` (re-registering the same builder is a no-op). Returns ``builder``."""
-    if not isinstance(kind, str) or not kind:
-        raise ValueError(f"model kind must be a non-empty string, got {kind!r}")
-    if kind in _KINDS and _KINDS[kind] is not builder:
-        raise ValueError(f"model kind {kind!r} is already registered (by {_KINDS[kind].__module__})")
-    _KINDS[kind] = builder
-    return builder
-
-
-def _load_strategy_kinds() -> None:
-    import fednl.strategies
-
-    fednl.strategies.available()  # imports every strategy file, which registers the kinds they need
+    return KINDS.register(kind, builder)
 
 
 def model_kinds() -> list[str]:
-    """All registered model kinds (after loading the strategy files)."""
-    _load_strategy_kinds()
-    return sorted(_KINDS)
+    """All registered model kinds."""
+    return KINDS.names()
+
+
+def kind_params(kind: str) -> dict[str, Any]:
+    """The parameters a kind's builder takes (keyword-only arguments) and their defaults."""
+    sig = inspect.signature(KINDS.get(kind))
+    return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def build_titans(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int) -> nn.Module:
@@ -76,30 +74,36 @@ register_model_kind("lora", build_lora)
 
 
 def build_model(
-    kind: str,
+    spec: ModelSpec | str,
     model_cfg: ModelConfig,
     memory_cfg: MemoryConfig | None = None,
     lora_cfg: LoraConfig | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Build a fresh model of ``kind`` on a deep copy of the (process-cached) backbone of ``model_cfg``.
+    """Build a fresh model of ``spec`` (a :class:`ModelSpec`, or a bare kind name) on a deep copy of the
+    (process-cached) backbone of ``model_cfg``.
 
     Every backbone parameter stays frozen; the result's parameter groups are validated (each trainable tensor
-    belongs to a group). ``model.fednl_kind`` records the kind and ``model.fednl_model_config`` the backbone.
-    Raises ``ValueError`` for an unknown kind, listing the known ones.
+    belongs to a group). ``model.fednl_kind`` records the kind, ``model.fednl_model_spec`` the spec and
+    ``model.fednl_model_config`` the backbone. Raises ``ValueError`` for an unknown kind (listing the known ones)
+    or a parameter the kind does not take.
     """
-    if kind not in _KINDS:
-        _load_strategy_kinds()
-    if kind not in _KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(_KINDS))}")
+    spec = ModelSpec.of(spec)
+    builder = KINDS.get(spec.kind)
+    known = kind_params(spec.kind)
+    unknown = sorted(set(spec.params) - set(known))
+    if unknown:
+        takes = f"it takes {sorted(known)}" if known else "it takes none"
+        raise ValueError(f"model kind {spec.kind!r}: unknown parameter(s) {unknown}; {takes}")
     backbone, _ = load_backbone(model_cfg)
     fresh = copy.deepcopy(backbone)
     fresh.requires_grad_(False)
-    model = _KINDS[kind](fresh, memory_cfg or MemoryConfig(), lora_cfg or LoraConfig(), int(seed))
+    model = builder(fresh, memory_cfg or MemoryConfig(), lora_cfg or LoraConfig(), int(seed), **spec.params)
     param_groups(model)  # raises if a trainable parameter is claimed by no group
-    model.fednl_kind = kind
+    model.fednl_kind = spec.kind
+    model.fednl_model_spec = spec
     model.fednl_model_config = model_cfg  # the backbone's identity (checked when a rule file is installed)
-    if kind == "titans" and memory_cfg is not None and memory_cfg.init_rule:
+    if spec.kind == "titans" and memory_cfg is not None and memory_cfg.init_rule:
         from fednl.models.rules import install_rule, load_rule
 
         install_rule(model, load_rule(memory_cfg.init_rule))

@@ -16,7 +16,8 @@ For an adapted linear ``m`` and client ``k``::
   global torch RNG, which the engine seeds per client and round); no noise in ``eval()`` mode.
 * ``min_prob`` = 0.01 and ``T`` = 1 as in the reference (``p`` is clamped, not renormalised).
 
-Kinds: ``"floral"`` has :data:`DEFAULT_ADAPTORS` adaptors; :func:`floral_kind` registers ``"floral-c<C>"``.
+Model kind ``"floral"`` with parameter ``n_adaptors`` (C, default :data:`DEFAULT_ADAPTORS`):
+``ModelSpec(kind="floral", params={"n_adaptors": 3})``.
 """
 
 from __future__ import annotations
@@ -163,27 +164,12 @@ def floral_modules(model: nn.Module) -> dict[str, FloralLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FloralLinear)}
 
 
-def _builder(n_adaptors: int):
-    def build_floral(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int) -> nn.Module:
-        del memory_cfg
-        inject_floral(backbone, lora_cfg, seed, n_adaptors)
-        return backbone
-
-    build_floral.__doc__ = f"Plain backbone + FLoRAL adaptors (C={n_adaptors}) on ``lora_cfg.targets``."
-    return build_floral
+def build_floral(backbone: nn.Module, memory_cfg: MemoryConfig, lora_cfg: LoraConfig, seed: int, *,
+                 n_adaptors: int = DEFAULT_ADAPTORS) -> nn.Module:
+    """Plain backbone + FLoRAL adaptors (C = ``n_adaptors``) on ``lora_cfg.targets`` (``memory_cfg`` unused)."""
+    del memory_cfg
+    inject_floral(backbone, lora_cfg, seed, int(n_adaptors))
+    return backbone
 
 
-_BUILDERS: dict[int, object] = {}
-
-
-def floral_kind(n_adaptors: int) -> str:
-    """The model-kind name for FLoRAL with ``n_adaptors`` adaptors, registering it on first use."""
-    if n_adaptors < 1:
-        raise ValueError(f"FLoRAL needs at least one adaptor, got C={n_adaptors}")
-    kind = "floral" if n_adaptors == DEFAULT_ADAPTORS else f"floral-c{n_adaptors}"
-    if n_adaptors not in _BUILDERS:
-        _BUILDERS[n_adaptors] = register_model_kind(kind, _builder(n_adaptors))
-    return kind
-
-
-floral_kind(DEFAULT_ADAPTORS)
+register_model_kind("floral", build_floral)

@@ -152,7 +152,7 @@ def save_rule(
     """Write the rule of converted ``model`` to ``path`` (atomic). ``model_source`` defaults to the source of
     the model's :class:`ModelConfig` (recorded by :func:`fednl.models.build_model`); ``provenance`` is any
     JSON-able dict. Returns the path."""
-    from fednl.engine.atomic import atomic_write_bytes
+    from fednl.util.atomic import atomic_write_bytes
 
     memory = _memory_config(model)
     model_cfg = getattr(model, "fednl_model_config", None)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fednl.engine.atomic import atomic_write_text
+from fednl.util.atomic import atomic_write_text
 from fednl.report import panels
 from fednl.report.load import RunRecord, load_run_dir
 

@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from fednl.models.spec import ModelSpec
+
 Params = dict[str, torch.Tensor]
 Scalar = int | float | str | bool
 
@@ -86,7 +88,9 @@ class Strategy(ABC):
       * ``name``: registry key used in configs (``method.name``).
       * ``Options``: a pydantic model of the strategy's own settings (``[method]`` table), validated at load.
       * ``model_kind``: which model the engine builds for it — ``"titans"`` (dual-path memory model + LoRA) or
-        ``"lora"`` (the plain backbone + LoRA), or another kind a model conversion registers.
+        ``"lora"`` (the plain backbone + LoRA), or another kind a model module registers. A strategy whose model
+        shape depends on its options (FLoRAL's number of adaptors) overrides :meth:`model_spec` to pass them as
+        the kind's parameters.
       * ``accepts_server_opt``: see below.
     """
 
@@ -102,11 +106,10 @@ class Strategy(ABC):
         fraction_fit: float = 1.0  # fraction of clients sampled per round (at least one)
 
     @classmethod
-    def model_kind_for(cls, options: BaseModel | None) -> str:
-        """The model kind to build for these options (default: ``model_kind``). A strategy whose model shape
-        depends on its options (FLoRAL's number of adaptors) returns a kind it registered for them."""
+    def model_spec(cls, options: BaseModel | None) -> ModelSpec:
+        """The model to build for these options: ``model_kind`` without parameters by default."""
         del options
-        return cls.model_kind
+        return ModelSpec(kind=cls.model_kind)
 
     def __init__(self, options: BaseModel | None = None, *, groups: Mapping[str, set[str]]):
         self.options = options if options is not None else self.Options()

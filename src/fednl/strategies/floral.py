@@ -31,7 +31,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, Field
 
-from fednl.models.floral import DEFAULT_ADAPTORS, floral_kind
+from fednl.models.floral import DEFAULT_ADAPTORS
+from fednl.models.spec import ModelSpec
 from fednl.strategies import register
 from fednl.strategies.base import ClientContext, ClientReply, Params, Payload, Strategy, StrategyError, check_replies
 
@@ -114,9 +115,12 @@ class FLoRAL(Strategy):
 
     name: ClassVar[str] = "floral"
     model_kind: ClassVar[str] = "floral"
+    # adaptor slices are averaged with routing weights p(k|c), and the clients' mixture weights cross in clear
+    robust_means: ClassVar[bool] = False
+    private_mean: ClassVar[bool] = False
 
     class Options(Strategy.Options):
-        n_adaptors: int = Field(DEFAULT_ADAPTORS, ge=1)  # C; the model kind is chosen to match
+        n_adaptors: int = Field(DEFAULT_ADAPTORS, ge=1)  # C, passed to the "floral" model kind
         router_lr: float = Field(0.1, ge=0.0)  # reference default (0.3 in its 5%-data runs)
         train_router: bool = True
         oracle_router: bool = False
@@ -125,9 +129,9 @@ class FLoRAL(Strategy):
         precondition_eps: float = Field(1e-5, gt=0.0)
 
     @classmethod
-    def model_kind_for(cls, options: BaseModel | None) -> str:
+    def model_spec(cls, options: BaseModel | None) -> ModelSpec:
         c = int(getattr(options, "n_adaptors", DEFAULT_ADAPTORS)) if options is not None else DEFAULT_ADAPTORS
-        return floral_kind(c)
+        return ModelSpec(kind="floral", params={"n_adaptors": c})
 
     def __init__(self, options: BaseModel | None = None, *, groups: Mapping[str, set[str]]):
         super().__init__(options, groups=groups)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from fednl.engine.server_opt import momentum, outer_update, pseudo_gradients
+from fednl.strategies.server_opt import momentum, outer_update, pseudo_gradients
 from fednl.strategies import register
 from fednl.strategies.base import ClientReply, Params, Strategy, StrategyError
 

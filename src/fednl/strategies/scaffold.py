@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from fednl.engine.server_opt import outer_update
+from fednl.strategies.server_opt import outer_update
 from fednl.strategies import register
 from fednl.strategies.base import (
     ClientContext,
