@@ -14,6 +14,9 @@ A run config is a TOML file (or a packaged preset, ``src/fednl/presets/<name>.to
     [task]    ...       # fednl.data TaskConfig (discriminated by ``name``)
     [train]   ...       # TrainConfig
     [engine]  ...       # EngineConfig
+    [screen]  ...       # fednl.engine.screening.ScreenConfig (optional norm check of client updates)
+    [robust]  ...       # fednl.engine.robust.RobustConfig (median, trimmed mean, Krum, norm clipping)
+    [dp]      ...       # fednl.engine.dp.DPConfig (client-level differential privacy)
 
 ``method`` may instead be an array of tables (``[[method]]``): the file then describes one run per method on
 identical settings (a comparison, e.g. the ``quickstart`` preset). ``--set method=NAME`` keeps only that method.
@@ -38,7 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, 
 from fednl.data.config import TASK_NAMES, TaskConfig
 from fednl.util.atomic import atomic_write_text
 from fednl.engine.codecs import WireSpec
+from fednl.engine.dp import DPConfig
 from fednl.engine.flower_settings import FlowerResources
+from fednl.engine.guard import composition_errors
+from fednl.engine.robust import RobustConfig
+from fednl.engine.screening import ScreenConfig
 from fednl.strategies.server_opt import SERVER_OPT_NAMES, ServerOptConfig
 from fednl.models.config import LoraConfig, MemoryConfig, ModelConfig
 from fednl.strategies import get_strategy
@@ -237,6 +244,9 @@ class RunConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     flower: FlowerResources = Field(default_factory=FlowerResources)  # Ray resources of `fednl flower simulate`
     server_opt: ServerOptConfig | None = None  # outer optimiser on the aggregate (fednl.strategies.server_opt)
+    screen: ScreenConfig | None = None  # update screening's norm check (the structural checks always run)
+    robust: RobustConfig | None = None  # robust aggregation (fednl.engine.robust)
+    dp: DPConfig | None = None  # client-level differential privacy (fednl.engine.dp)
     out: str | None = None  # output directory (the CLI's --out wins)
 
     @model_validator(mode="after")
@@ -244,6 +254,10 @@ class RunConfig(BaseModel):
         if self.server_opt is not None and not get_strategy(self.method.name).accepts_server_opt:
             raise _NestedError([("server_opt", f"method {self.method.name!r} makes its own server update; "
                                                "it takes no server optimiser (drop [server_opt])")])
+        errors = composition_errors(get_strategy(self.method.name), screen=self.screen, robust=self.robust,
+                                    dp=self.dp)
+        if errors:
+            raise _NestedError(errors)
         return self
 
     def strategy_options(self) -> BaseModel:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from abc import ABC
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from fednl.models.spec import ModelSpec
 
 Params = dict[str, torch.Tensor]
 Scalar = int | float | str | bool
+MeanFn = Callable[[list[Params], list[float]], Params]  # (tensor sets, weights) -> their average
 
 
 class StrategyError(ValueError):
@@ -100,6 +102,15 @@ class Strategy(ABC):
     # for strategies whose global parameters are not what the next round sends (FedTreeLoRA's cluster experts)
     # or which run their own outer optimiser (MT-DAO)
     accepts_server_opt: ClassVar[bool] = True
+    # how the engine's robust aggregation and client-level DP compose with the strategy (docs/ROBUSTNESS.md):
+    # ``robust_select``: ``aggregate_train`` takes any non-empty subset of the sampled clients' replies, and replies
+    # whose updates were scaled down (Krum, norm clipping); ``robust_means``: every average of client tensors goes
+    # through :meth:`mean` (the coordinate-wise median or trimmed mean can replace it); ``private_mean``: what the
+    # server releases is a function of one :meth:`mean` per round only (client-level DP noises that mean)
+    robust_select: ClassVar[bool] = True
+    robust_means: ClassVar[bool] = True
+    private_mean: ClassVar[bool] = True
+    _mean: MeanFn | None = None  # set by :meth:`averaging` for one round
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -170,9 +181,29 @@ class Strategy(ABC):
         return Payload({n: t for n, t in global_params.items()}, {"round": rnd})
 
     def aggregate_train(self, rnd: int, replies: list[ClientReply], global_params: Params) -> Params:
-        """New global parameters from the replies (default: N_k-weighted mean of every shared tensor)."""
+        """New global parameters from the replies (default: :meth:`mean`, N_k-weighted, of every shared tensor)."""
         check_replies(replies, expected=set(global_params), reference=global_params)
-        return weighted_mean([r.payload.tensors for r in replies], [r.num_examples for r in replies])
+        return self.mean([r.payload.tensors for r in replies], [r.num_examples for r in replies])
+
+    def mean(self, tensor_sets: list[Params], weights: list[float]) -> Params:
+        """The average of client tensors every aggregation goes through: :func:`weighted_mean`, unless the engine
+        put a robust or differentially private one in place for the round (:meth:`averaging`)."""
+        return weighted_mean(tensor_sets, weights) if self._mean is None else self._mean(tensor_sets, weights)
+
+    @contextmanager
+    def averaging(self, mean: MeanFn | None) -> Iterator[None]:
+        """Within the block, :meth:`mean` is ``mean`` (``None``: :func:`weighted_mean`)."""
+        before = self._mean
+        self._mean = mean
+        try:
+            yield
+        finally:
+            self._mean = before
+
+    def reply_like(self, global_params: Params) -> Params:
+        """Tensors with the names, shapes and dtypes a well-formed reply has (default: the global parameters'; a
+        strategy that sends back more says so). The engine screens every reply against them."""
+        return global_params
 
     def eval_params(self, cid: str, global_params: Params, client_state: Any) -> Params:
         """Parameter values client ``cid`` is evaluated with, installed *after* its local parameters (default:

@@ -147,6 +147,10 @@ class FedTreeLoRA(Strategy):
     name: ClassVar[str] = "fedtreelora"
     model_kind: ClassVar[str] = "treelora"
     accepts_server_opt: ClassVar[bool] = False  # the next round sends the cluster experts, not the global
+    # the tree is built from a warm-up upload of every client; afterwards each cluster expert is its own average
+    robust_select: ClassVar[bool] = False
+    robust_means: ClassVar[bool] = False
+    private_mean: ClassVar[bool] = False
 
     class Options(Strategy.Options):
         warmup_rounds: int = Field(1, ge=1)  # E_warm

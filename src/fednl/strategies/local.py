@@ -20,6 +20,7 @@ class LocalOnly(Strategy):
 
     name: ClassVar[str] = "local"
     model_kind: ClassVar[str] = "titans"
+    private_mean: ClassVar[bool] = False  # nothing is shared: there is no aggregate to protect
 
     class Options(Strategy.Options):
         """``fraction_fit`` only (inherited)."""

@@ -40,7 +40,6 @@ from fednl.strategies.base import (
     Strategy,
     StrategyError,
     check_replies,
-    weighted_mean,
 )
 
 C_DOWN = "scaffold.c/"  # payload: the server control variate c
@@ -55,6 +54,9 @@ class Scaffold(Strategy):
 
     name: ClassVar[str] = "scaffold"
     model_kind: ClassVar[str] = "lora"
+    # the control variates are a plain mean of the clients' corrections and are sent to every client: a robust
+    # mean replaces only the model average, and client-level DP would leave the corrections un-noised
+    private_mean: ClassVar[bool] = False
 
     class Options(Strategy.Options):
         server_lr: float = Field(1.0, gt=0)  # η_g (Algorithm 1's global step size)
@@ -81,11 +83,15 @@ class Scaffold(Strategy):
         payload.tensors.update({C_DOWN + n: c for n, c in self._controls(global_params).items()})
         return payload
 
+    def reply_like(self, global_params: Params) -> Params:
+        extra = {DC_UP + n: torch.empty(t.shape, dtype=torch.float32, device="meta") for n, t in global_params.items()}
+        return {**global_params, **extra}
+
     def aggregate_train(self, rnd: int, replies: list[ClientReply], global_params: Params) -> Params:
         names = set(global_params)
         check_replies(replies, expected=names | {DC_UP + n for n in names})
-        models = weighted_mean([{n: r.payload.tensors[n] for n in names} for r in replies],
-                               [r.num_examples for r in replies])
+        models = self.mean([{n: r.payload.tensors[n] for n in names} for r in replies],
+                           [r.num_examples for r in replies])
         eta = float(self.options.server_lr)
         new = {}
         for n, a in models.items():
