@@ -108,3 +108,25 @@ def test_duplicates_and_missing_tokenizer_are_errors():
         parse_task_config({"name": "mmlu5", "pool": ["test", "test"]})
     with pytest.raises(ValueError, match="measures lengths in tokens"):
         build_task({"name": "niah7", "quickstart": True}, None, 0)
+
+
+def test_each_task_registers_in_its_own_file_and_builds_itself():
+    from fednl.data.build import TASK_NAMES
+    from fednl.data.tasks.base import TASKS
+
+    assert set(TASK_NAMES) == {"mmlu5", "niah7", "stream", "babilong", "jsonl"}
+    for name in TASK_NAMES:
+        cls = TASKS.get(name)
+        assert cls.__module__ == f"fednl.data.tasks.{name}" and cls.model_fields["name"].default == name
+    cfg = parse_task_config({"name": "niah7", "quickstart": True, "templates": ["passkey"], "n_train": 2, "n_test": 1,
+                             "train_lengths": [768], "test_lengths": [768]})
+
+    class Tok:
+        vocab_size, eos_id = 257, 256
+
+        def encode(self, text):
+            return list(text.encode())
+
+    built = cfg.build(Tok(), 0)
+    assert task_fingerprint(built) == task_fingerprint(build_task(cfg.model_dump(mode="json"), Tok(), 0))
+    assert [c.name for c in built.clients] == ["passkey"] and len(built.clients[0].train) == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fednl.config import load_runs
-from fednl.engine.experiment import (
+from fednl.experiment import (
     bytes_per_round, clear_run_dir, comparison_record, format_comparison, format_results, holds_run, resolve_device,
     run_dirs, traffic_ratio,
 )

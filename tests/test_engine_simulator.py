@@ -54,7 +54,7 @@ def test_fedavg_sends_lora_too_and_ratio_is_counted(tmp_path) -> None:
     nl = make(tmp_path / "n", strategy="fednl", rounds=1).run()
     assert avg["comm"]["bytes_up"] == (RULE_NUMEL + GATE_NUMEL + LORA_NUMEL) * 4 * 3
     assert set(avg["comm"]["by_group"]) == {"gate", "lora", "rule"}
-    from fednl.engine.experiment import traffic_ratio
+    from fednl.experiment import traffic_ratio
 
     assert traffic_ratio([nl, avg]) == pytest.approx((RULE_NUMEL + 1 + LORA_NUMEL) / (RULE_NUMEL + 1))
 

@@ -15,7 +15,7 @@ import torch
 from fednl.client.batching import IGNORE
 from fednl.client.state import PARAM_PREFIX
 from fednl.config import load_config
-from fednl.engine.experiment import run_config
+from fednl.experiment import run_config
 from fednl.engine.runstate import load_checkpoint
 from fednl.eval.depth import depth_key, group_by_depth, merge_depths
 from fednl.eval.position import ce_by_position, token_ce, token_ce_reference

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fednl.cli import app
 from fednl.config import load_config
-from fednl.engine.experiment import run_config
+from fednl.experiment import run_config
 from fednl.eval.protocol import write_eval
 from fednl.report import build_report, load_run_dir, read_bench, read_metrics, results_rows, write_report
 

@@ -165,7 +165,7 @@ def test_named_rules(rule_file: Path, tmp_path: Path, monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from fednl.config import load_config
-    from fednl.engine.experiment import run_config
+    from fednl.experiment import run_config
 
     cfg = load_config("tiny", ["rounds=1", "task={name='stream', quickstart=true, max_train=2, max_test=1}",
                                "train.seq_len=128", "memory.chunk_size=32", "memory.attn_window=32"])

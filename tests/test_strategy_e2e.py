@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fednl.config import load_config
-from fednl.engine.experiment import run_config
+from fednl.experiment import run_config
 from test_strategy_harness import build_for  # noqa: F401  (sets one intra-op thread for tiny shapes)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, model_serializer, model_validator
 
-from fednl.data.config import TASK_NAMES, TaskConfig
+from fednl.data.build import TASK_NAMES, TaskConfig
 from fednl.util.atomic import atomic_write_text
 from fednl.engine.codecs import WireSpec
 from fednl.engine.dp import DPConfig

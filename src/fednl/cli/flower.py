@@ -32,7 +32,7 @@ def simulate_cmd(
     ray_num_gpus); the options below override it.
     """
     with user_errors():
-        from fednl.engine.experiment import format_results, holds_run, load_resolved
+        from fednl.experiment import format_results, holds_run, load_resolved
         from fednl.engine.flower_server import FLOWER_JSON, clear_flower_outputs
         from fednl.engine.flower_settings import AppSettings
         from fednl.engine.flower_sim import simulate

@@ -50,7 +50,7 @@ def export_cmd(
 ) -> None:
     """Extract the global rule (groups `rule` and `gate`) of RUN_DIR's newest checkpoint into a rule file."""
     from fednl.cli.data import apply_overrides
-    from fednl.engine.rule_export import export_rule
+    from fednl.rule_export import export_rule
     from fednl.models.rules import describe_rule, load_rule
 
     with user_errors():

@@ -19,7 +19,7 @@ def run(
 ) -> None:
     """Run federated training; writes config.resolved.toml, metrics.jsonl, results.json and checkpoints."""
     from fednl.config import load_runs
-    from fednl.engine.experiment import clear_run_dir, holds_run, load_resolved, run_dirs, run_suite
+    from fednl.experiment import clear_run_dir, holds_run, load_resolved, run_dirs, run_suite
 
     with user_errors():
         if resume is not None:

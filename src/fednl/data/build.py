@@ -1,29 +1,44 @@
-"""``build_task(cfg, tokenizer, seed)``: task builder -> partition -> held-out clients -> report."""
+"""The registered tasks as one config type, and the pipeline every task goes through: natural clients ->
+partition -> held-out clients -> heterogeneity report.
+
+``TaskConfig`` is the union of every registered task config (discriminated by ``name``), gathered from
+``fednl/data/tasks/`` by :data:`fednl.data.tasks.base.TASKS`; :func:`parse_task_config` validates a dict into
+one; ``cfg.build(tokenizer, seed)`` (= :func:`federate`) builds it; :func:`build_task` does both.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any, Union
 
-from fednl.data.config import PartitionConfig, parse_task_config
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from fednl.data.config import PartitionConfig, TaskConfigBase
 from fednl.data.partition import choose_heldout, partition
 from fednl.data.report import heterogeneity_report
-from fednl.data.tasks.base import NaturalTask, rng_for
+from fednl.data.tasks.base import TASKS, NaturalTask, rng_for
 from fednl.data.types import ClientData, Example, FederatedTask
 
-MEASURED = ("niah7", "stream", "babilong")  # tasks whose lengths are counted with the tokenizer
+TASK_NAMES: tuple[str, ...] = tuple(TASKS.names())
+TaskConfig = Annotated[Union[tuple(cls for _, cls in TASKS.items())], Field(discriminator="name")]  # noqa: UP007
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(TaskConfig)
 
 
-def _builders() -> dict[str, Callable[..., NaturalTask]]:
-    from fednl.data.tasks.babilong import build_babilong
-    from fednl.data.tasks.jsonl import build_jsonl
-    from fednl.data.tasks.mmlu5 import build_mmlu5
-    from fednl.data.tasks.niah7 import build_niah7
-    from fednl.data.tasks.stream import build_stream
-
-    return {"mmlu5": build_mmlu5, "niah7": build_niah7, "stream": build_stream, "babilong": build_babilong,
-            "jsonl": build_jsonl}
+def parse_task_config(data: dict[str, Any] | BaseModel) -> TaskConfigBase:
+    """Validate a dict (with a ``name`` key) into the matching task config; errors name the bad field."""
+    if isinstance(data, TaskConfigBase):
+        return data
+    if not isinstance(data, dict) or "name" not in data:
+        raise ValueError(f"task config needs a 'name' (one of {list(TASK_NAMES)})")
+    if data["name"] not in TASK_NAMES:
+        raise ValueError(f"unknown task name {data['name']!r}; known tasks: {list(TASK_NAMES)}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        lines = [
+            f"task.{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()
+        ]
+        raise ValueError("invalid task config: " + "; ".join(lines)) from None
 
 
 def repartition(natural: NaturalTask, cfg: PartitionConfig, seed: int) -> list[ClientData]:
@@ -65,14 +80,19 @@ def build_task(cfg: Any, tokenizer: Any, seed: int) -> FederatedTask:
     Token lengths are measured with ``tokenizer`` (``encode(str) -> list[int]``). The same ``cfg`` and ``seed``
     give byte-identical examples (see :func:`fednl.data.types.task_fingerprint`).
     """
-    cfg = parse_task_config(cfg)
+    return parse_task_config(cfg).build(tokenizer, seed)
+
+
+def federate(cfg: TaskConfigBase, tokenizer: Any, seed: int) -> FederatedTask:
+    """The federated task of ``cfg``: its natural clients, re-dealt by ``cfg.partition``, minus the held-out ones,
+    with the heterogeneity report in ``info``."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    if cfg.name in MEASURED and not callable(getattr(tokenizer, "encode", None)):
+    if cfg.measures_tokens and not callable(getattr(tokenizer, "encode", None)):
         raise ValueError(
             f"task {cfg.name!r} measures lengths in tokens: pass a tokenizer with encode(str) -> list[int]"
         )
-    natural = _builders()[cfg.name](cfg, tokenizer, seed)
+    natural = cfg.natural(tokenizer, seed)
     clients = natural.clients if cfg.partition.kind == "natural" else repartition(natural, cfg.partition, seed)
     held = set(choose_heldout([c.name for c in clients], cfg.heldout, seed))
     training = [c for c in clients if c.name not in held]

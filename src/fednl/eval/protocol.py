@@ -107,7 +107,7 @@ def _twin(model: torch.nn.Module, view: str) -> Iterator[None]:
 
 def load_run(run_dir: str | Path, *, log: Any = print) -> tuple[Simulator, RunState]:
     """Rebuild the simulator of ``run_dir`` and load its newest checkpoint (verified)."""
-    from fednl.engine.experiment import build_simulator, finished_run
+    from fednl.experiment import build_simulator, finished_run
 
     cfg, ckpt = finished_run(run_dir, verb="evaluate")
     sim = build_simulator(cfg, run_dir, log=log)

@@ -14,14 +14,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
-from fednl.data.config import BabilongConfig
+from pydantic import Field, PositiveInt, field_validator
+
+from fednl.data.config import TaskConfigBase, unique
 from fednl.data.io import DataFileError, read_text
 from fednl.data.paths import shared_subdir
 from fednl.data.prompts import format_qa
-from fednl.data.tasks.base import NaturalTask, rng_for
+from fednl.data.tasks.base import NaturalTask, register_task, rng_for
 from fednl.data.text import ContextTooShort, TokenCounter, compose_context, load_books, ordered_random_placer
 from fednl.data.types import ClientData, Example
+
+@register_task
+class BabilongConfig(TaskConfigBase):
+    """BABILong-style: bAbI facts scattered in order through book text; one client per bAbI task."""
+
+    name: Literal["babilong"] = "babilong"
+    measures_tokens: ClassVar[bool] = True
+    data_dir: Path | None = None
+    """The bAbI ``en`` folder (``qa1_*_train.txt`` ...). Default: the shared ``babi-en`` folder when present."""
+    haystack_dir: Path | None = None
+    """A ``.txt`` book or a folder of them. Default: the embedded book."""
+    tasks: list[Annotated[int, Field(ge=1, le=20)]] = Field(default_factory=lambda: list(range(1, 21)), min_length=1)
+    n_train: int = Field(100, ge=0)
+    n_test: int = Field(20, ge=0)
+    train_lengths: list[PositiveInt] = Field(default_factory=lambda: [1024])
+    test_lengths: list[PositiveInt] = Field(default_factory=lambda: [1024, 4096])
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[int]) -> list[int]:
+        return unique(tasks, "tasks")
+
+    def natural(self, tokenizer: Any, seed: int) -> NaturalTask:
+        return build_babilong(self, tokenizer, seed)
+
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,35 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from fednl.data.config import JsonlConfig
+from pydantic import Field, PositiveInt
+
+from fednl.data.config import TaskConfigBase
 from fednl.data.io import DataFileError, read_text
 from fednl.data.prompts import LETTERS, format_mc, format_qa, letters
-from fednl.data.tasks.base import NaturalTask, rng_for
+from fednl.data.tasks.base import NaturalTask, register_task, rng_for
 from fednl.data.types import ClientData, Example
+
+@register_task
+class JsonlConfig(TaskConfigBase):
+    """Your own data: JSONL multiple-choice or exact-match QA records (format in docs/DATA.md)."""
+
+    name: Literal["jsonl"] = "jsonl"
+    path: Path
+    """A ``.jsonl`` file or a folder whose ``*.jsonl`` files are read in name order."""
+    format: Literal["auto", "mc", "qa"] = "auto"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    label_field: str | None = None
+    """Record field used as the label by dirichlet/pathological partitioning and the heterogeneity report
+    (default: the ``client`` field)."""
+    max_train: PositiveInt | None = None
+    max_test: PositiveInt | None = None
+    separator: Literal["newline", "space"] = "newline"
+
+    def natural(self, tokenizer: Any, seed: int) -> NaturalTask:
+        return build_jsonl(self, tokenizer, seed)
+
 
 RESERVED = {"question", "choices", "answer", "client", "split", "context"}
 POOL_CLIENT = "all"

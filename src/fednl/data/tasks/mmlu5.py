@@ -14,12 +14,42 @@ it gets 1855/200 (``holdout_first``) or 1713/200 (``proportional``) — see docs
 
 from __future__ import annotations
 
-from fednl.data.config import Mmlu5Config
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, field_validator
+
+from fednl.data.config import TaskConfigBase, unique
 from fednl.data.paths import shared_subdir
 from fednl.data.prompts import LETTERS, format_mc, letters
-from fednl.data.tasks.base import NaturalTask, rng_for
+from fednl.data.tasks.base import NaturalTask, register_task, rng_for
 from fednl.data.tasks.mmlu_io import MmluRow, detect_layout, read_csv_split, read_hf_split
 from fednl.data.types import ClientData, Example
+
+@register_task
+class Mmlu5Config(TaskConfigBase):
+    """Non-IID MMLU, 5 domain clients (FedNL paper Table 3); see docs/DATA.md for the subject mapping."""
+
+    name: Literal["mmlu5"] = "mmlu5"
+    data_dir: Path | None = None
+    """MMLU folder holding ``cais_hf_csv/`` or ``hendrycks_original/``, one of those folders, or a HF
+    ``datasets`` copy saved with ``save_to_disk``. Default: the shared data folder when present."""
+    layout: Literal["auto", "cais_hf_csv", "hendrycks_original", "hf"] = "auto"
+    pool: list[Literal["test", "dev", "val"]] = Field(default_factory=lambda: ["test"], min_length=1)
+    test_fraction: float = Field(1 / 6, gt=0, lt=1)
+    max_train: PositiveInt = 2000
+    max_test: PositiveInt = 200
+    split_rule: Literal["holdout_first", "proportional"] = "holdout_first"
+    separator: Literal["newline", "space"] = "newline"
+
+    @field_validator("pool")
+    @classmethod
+    def _unique_pool(cls, pool: list[str]) -> list[str]:
+        return unique(pool, "pool")
+
+    def natural(self, tokenizer: Any, seed: int) -> NaturalTask:
+        return build_mmlu5(self, tokenizer, seed)
+
 
 # client -> [(the paper's name, [MMLU subjects])]: the paper's loose names mapped onto the 57 subjects.
 DOMAIN_MAP: dict[str, list[tuple[str, list[str]]]] = {

@@ -10,13 +10,73 @@ client's split and shuffled with the seed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from fednl.data.config import Niah7Config
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from fednl.data.config import TaskConfigBase, apply_quickstart, unique
 from fednl.data.prompts import LETTERS, balanced_positions, format_mc, letters, place_gold
 from fednl.data.tasks import niah_templates as tpl
-from fednl.data.tasks.base import NaturalTask, rng_for
+from fednl.data.tasks.base import NaturalTask, register_task, rng_for
 from fednl.data.text import Book, ContextTooShort, TokenCounter, compose_context, depth_placer, load_books
 from fednl.data.types import ClientData, Example
+
+NIAH_TEMPLATES = ("passkey", "uuid", "name_date", "phrase", "counter", "mk_niah", "mv_niah")
+NiahTemplate = Literal["passkey", "uuid", "name_date", "phrase", "counter", "mk_niah", "mv_niah"]
+Lengths = list[PositiveInt] | Literal["auto"]
+
+@register_task
+class Niah7Config(TaskConfigBase):
+    """Multi-needle NIAH, 7 template clients (FedNL paper Table 4) in a Gutenberg haystack."""
+
+    name: Literal["niah7"] = "niah7"
+    measures_tokens: ClassVar[bool] = True
+    data_dir: Path | None = None
+    """A ``.txt`` book or a folder of them (haystacks). Default: the embedded book (never the shared folder)."""
+    templates: list[NiahTemplate] = Field(default_factory=lambda: list(NIAH_TEMPLATES), min_length=1)
+    n_train: int = Field(750, ge=0)
+    n_test: int = Field(15, ge=0)
+    n_long_test: int = Field(10, ge=0)
+    train_lengths: Lengths = Field(default_factory=lambda: [1024, 2048, 4096])
+    test_lengths: Lengths = Field(default_factory=lambda: [1024, 2048, 4096])
+    long_test_lengths: list[PositiveInt] = Field(default_factory=lambda: [8192, 16384])
+    depths: list[float] = Field(default_factory=lambda: [0.10, 0.30, 0.50, 0.70], min_length=4)
+    counter_events: int = Field(6, ge=1)
+    bin_size: PositiveInt = 1024
+    """Position bin (tokens) of ``fednl evaluate``'s CE-by-position over the test prompts (paper Fig. 5)."""
+    quickstart: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quickstart(cls, data: Any) -> Any:
+        return apply_quickstart(
+            data,
+            {"n_train": 24, "n_test": 8, "n_long_test": 0, "train_lengths": "auto", "test_lengths": "auto",
+             "long_test_lengths": [], "counter_events": 4, "bin_size": 64},
+        )
+
+    @field_validator("templates")
+    @classmethod
+    def _unique_templates(cls, templates: list[str]) -> list[str]:
+        return unique(templates, "templates")
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ok(cls, depths: list[float]) -> list[float]:
+        if any(not 0.0 < d < 1.0 for d in depths) or sorted(set(depths)) != list(depths):
+            raise ValueError(f"depths must be strictly increasing fractions in (0, 1), got {depths}")
+        return depths
+
+    @model_validator(mode="after")
+    def _long_lengths(self) -> Niah7Config:
+        if self.n_long_test and not self.long_test_lengths:
+            raise ValueError("n_long_test > 0 needs long_test_lengths")
+        return self
+
+    def natural(self, tokenizer: Any, seed: int) -> NaturalTask:
+        return build_niah7(self, tokenizer, seed)
+
 
 AUTO_CHARS = 1500
 N_OPTIONS = 4

@@ -12,11 +12,52 @@ next-token cross-entropy per position bin (:mod:`fednl.data.bins`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from fednl.data.config import StreamConfig
-from fednl.data.tasks.base import NaturalTask
+from pydantic import Field, PositiveInt, model_validator
+
+from fednl.data.config import TaskConfigBase, apply_quickstart
+from fednl.data.tasks.base import NaturalTask, register_task
 from fednl.data.text import Book, TokenCounter, load_books
 from fednl.data.types import ClientData, Example
+
+@register_task
+class StreamConfig(TaskConfigBase):
+    """PG-19-style streaming text: books cut into documents of ``doc_length`` tokens."""
+
+    name: Literal["stream"] = "stream"
+    measures_tokens: ClassVar[bool] = True
+    data_dir: Path | None = None
+    """A ``.txt`` book or a folder of them. Default: the embedded book."""
+    books: list[str] | None = None
+    doc_length: PositiveInt = 2048
+    parts_per_book: PositiveInt = 1
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train: PositiveInt | None = None
+    max_test: PositiveInt | None = None
+    bin_size: PositiveInt = 1024
+    quickstart: bool = False
+    pooled: bool = False
+    """Centralised training: all non-held-out clients merged into one client ``"pooled"`` (held-out clients must
+    then be given by name)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quickstart(cls, data: Any) -> Any:
+        return apply_quickstart(
+            data, {"doc_length": 256, "parts_per_book": 3, "max_train": 16, "max_test": 4, "bin_size": 64}
+        )
+
+    @model_validator(mode="after")
+    def _pooled_heldout(self) -> StreamConfig:
+        if self.pooled and isinstance(self.heldout, int) and self.heldout:
+            raise ValueError("pooled = true needs the held-out clients by name (heldout = ['book', ...]), not a count")
+        return self
+
+    def natural(self, tokenizer: Any, seed: int) -> NaturalTask:
+        return build_stream(self, tokenizer, seed)
+
 
 
 def cut_documents(book: Book, counter: TokenCounter, doc_length: int) -> list[tuple[str, int, int]]:

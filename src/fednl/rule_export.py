@@ -43,7 +43,7 @@ def export_rule(run_dir: str | Path, out: str | Path, *, notes: dict[str, Any] |
                 log: Any = None) -> Path:
     """Write the global rule of ``run_dir``'s newest checkpoint to ``out``; ``notes`` are merged into the
     provenance. ``ValueError`` for a run without a memory rule, or whose rule is not global."""
-    from fednl.engine.experiment import finished_run
+    from fednl.experiment import finished_run
     from fednl.engine.runstate import load_checkpoint
     from fednl.engine.simulator import model_fingerprint
     from fednl.models.build import build_model
