@@ -40,11 +40,12 @@ def server_main(grid: Grid, settings: AppSettings, *, log: Callable[[str], None]
     from fednl.engine.flower_server import (
         FLOWER_JSON,
         NODE_STATE_DIR,
-        FlowerEngine,
+        FlowerExecutor,
         discover_nodes,
         new_run_uid,
         read_flower_json,
     )
+    from fednl.engine.simulator import RoundLoop
 
     t0 = time.perf_counter()
     out = Path(settings.out).expanduser().resolve()
@@ -65,11 +66,13 @@ def server_main(grid: Grid, settings: AppSettings, *, log: Callable[[str], None]
     nodes = discover_nodes(grid, sim.client_names, run_uid, timeout_s=settings.wait_nodes_s, log=log)
     t2 = time.perf_counter()
     startup = {"build_s": t1 - t0, "handshake_s": t2 - t1, "startup_s": t2 - t0}
-    engine = FlowerEngine(sim, grid, nodes, run_uid=run_uid, state_dir=state_dir,
-                          round_timeout_s=settings.round_timeout_s, startup=startup)
-    results = engine.run(resume=settings.resume)
+    executor = FlowerExecutor(grid, nodes, sim.federation, run_uid=run_uid, state_dir=state_dir,
+                              config=sim.spec.config, fingerprint=sim.fingerprint,
+                              wire_dtype=cfg.engine.wire_dtype, out=out, local=sim.executor,
+                              round_timeout_s=settings.round_timeout_s, startup=startup)
+    results = RoundLoop(sim.model, sim.strategy, sim.spec, executor, log=log).run(resume=settings.resume)
     assert results is not None
-    engine.finish(time.perf_counter() - t0)
+    executor.finish(time.perf_counter() - t0)
     return results
 
 

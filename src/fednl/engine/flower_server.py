@@ -1,14 +1,13 @@
-"""ServerApp side of the Flower adapter: the simulator's round loop with clients on SuperNodes.
+"""ServerApp side of the Flower adapter: :class:`FlowerExecutor`, the round loop's clients on SuperNodes.
 
-:class:`FlowerEngine` *is* the in-process :class:`~fednl.engine.simulator.Simulator` — sampling, per-client
-``configure_train``, wire casts, the byte ledger, ``aggregate_train``, server state, evaluation schedule,
-metrics.jsonl, checkpoint/resume and results.json are inherited unchanged — except that the two places where
-clients run are replaced by messages through the Flower ``Grid``:
+The round loop (:class:`~fednl.engine.simulator.RoundLoop`: sampling, payloads, wire, ledger, aggregation,
+checkpoints, metrics) is the in-process one; the executor turns its two calls into messages through the Flower
+``Grid``:
 
-* ``_round``: one ``train`` message per sampled client, each with its *own* payload (so per-client payloads
-  such as FedTreeLoRA's cluster experts work), all sent at once with ``grid.send_and_receive``;
-* ``evaluate``: one ``evaluate`` message per client with a test split (held-out clients, which have no node,
-  are still evaluated by the server itself).
+* ``train``: one ``train`` message per job, each with its *own* payload (so per-client payloads such as
+  FedTreeLoRA's cluster experts work), all sent at once with ``grid.send_and_receive``;
+* ``evaluate``: one ``evaluate`` message per client (held-out clients, which have no node, are evaluated by the
+  server itself).
 
 Next to the fednl ledger (payload tensor bytes, which must equal the in-process ledger), :class:`HopLedger`
 records, per message, what fednl put on the SuperLink<->SuperNode hop: payload bytes and record overhead (see
@@ -18,10 +17,9 @@ records, per message, what fednl put on the SuperLink<->SuperNode hop: payload b
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +41,8 @@ from fednl.engine.flower_protocol import (
     config_sha,
     config_to_json,
 )
+from fednl.engine.executor import ClientExecutor, Federation, TrainJob, TrainReply
 from fednl.engine.runstate import RunState
-from fednl.engine.simulator import Simulator
-from fednl.strategies.base import ClientReply, Payload
 
 FLOWER_JSON = "flower.json"
 NODE_STATE_DIR = "node-state"
@@ -151,35 +148,33 @@ def discover_nodes(grid: Grid, client_names: list[str], run_uid: str, *, timeout
     return {client_names[p]: found[p] for p in range(n)}
 
 
-# ---------------------------------------------------------------------------------------------- engine
-class FlowerEngine(Simulator):
-    """The simulator whose clients run on Flower SuperNodes (see the module docstring).
+# ---------------------------------------------------------------------------------------------- executor
+class FlowerExecutor(ClientExecutor):
+    """The clients of the run on Flower SuperNodes (see the module docstring): one message per job, sent with the
+    Grid. ``local`` evaluates the held-out clients, which have no node."""
 
-    Every node validates the resolved config (``spec.config``) it receives and builds its run from it; its model
-    fingerprint must equal this engine's.
-    """
-
-    def __init__(self, sim: Simulator, grid: Grid, nodes: dict[str, int], *, run_uid: str, state_dir: str,
+    def __init__(self, grid: Grid, nodes: dict[str, int], federation: Federation, *, run_uid: str, state_dir: str,
+                 config: dict[str, Any], fingerprint: str, wire_dtype: str, out: Path, local: ClientExecutor,
                  round_timeout_s: float = 0.0, startup: dict[str, float] | None = None):
-        super().__init__(sim.model, sim.tokenizer, sim.task, sim.strategy, sim.spec, log=sim.log)
-        missing = sorted(set(self.client_names) - set(nodes))
+        missing = sorted(set(federation.clients) - set(nodes))
         if missing:
             raise FlowerRunError(f"no SuperNode for client(s) {missing}")
+        self.federation, self.local = federation, local
         self.grid, self.nodes = grid, dict(nodes)
         self.cid_of_node = {node: cid for cid, node in self.nodes.items()}
         self.run_uid, self.state_dir = run_uid, state_dir
         self.round_timeout_s = float(round_timeout_s)
-        self.config_json = config_to_json(self.spec.config)
+        self.config_json = config_to_json(config)
         self.config_sha = config_sha(self.config_json)
+        self.fingerprint, self.wire_dtype, self.out = fingerprint, wire_dtype, Path(out)
         self.hops = HopLedger()
         self.timing: dict[str, Any] = {**{k: round(v, 3) for k, v in (startup or {}).items()}, "rounds": {}}
-        self._rnd = 0
 
     # ------------------------------------------------------------------ messages
     def _run_record(self, op: str, rnd: int, cid: str, **seeds: int) -> ConfigRecord:
         return RunRecord(op=op, run_uid=self.run_uid, round=rnd, cid=cid, config_json=self.config_json,
                          config_sha=self.config_sha, fingerprint=self.fingerprint,
-                         wire_dtype=self.spec.engine.wire_dtype, state_dir=self.state_dir, **seeds).to_record()
+                         wire_dtype=self.wire_dtype, state_dir=self.state_dir, **seeds).to_record()
 
     def _exchange(self, msgs: list[Message], cids: list[str], what: str) -> dict[str, Message]:
         timeout = self.round_timeout_s or None
@@ -199,44 +194,44 @@ class FlowerEngine(Simulator):
     def _timing(self, rnd: int, key: str, seconds: float) -> None:
         self.timing["rounds"].setdefault(str(rnd), {})[key] = round(seconds, 4)
 
-    # ------------------------------------------------------------------ the two overridden steps
-    def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
-        self._rnd = rnd
-        chosen, seeds = self._sample_round(rnd, state, rng)
+    # ------------------------------------------------------------------ the seam
+    def start(self, state: RunState, *, resumed: bool) -> None:
+        if resumed:
+            record = read_flower_json(self.out)
+            self.hops = HopLedger.from_json(record.get("hop", []))
+            self.hops.truncate(state.round)
+            rounds = {k: v for k, v in record.get("timing", {}).get("rounds", {}).items() if int(k) <= state.round}
+            self.timing["rounds"] = rounds
+            self.timing["resumed_after_round"] = state.round
+        self._save_flower_json()
+
+    def train(self, rnd: int, jobs: Sequence[TrainJob], state: RunState) -> list[TrainReply]:
+        del state  # the nodes keep their clients' state on their own disks
         msgs = []
-        received: dict[str, Payload | None] = {}
-        for cid in chosen:
-            payload = self.strategy.configure_train(rnd, cid, state.global_params)
-            down, received[cid] = self.wire.encode_down(cid, payload, state.engine_tensors)
-            self._send(state, rnd, cid, "down", down)
-            content = encode_payload(down)
-            content[RUN] = self._run_record("train", rnd, cid, seed_gen=seeds[cid][0], seed_torch=seeds[cid][1])
-            self.hops.add(rnd, cid, "train", "down", message_bytes(content))
-            msgs.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN,
+        for job in jobs:
+            content = encode_payload(job.payload)
+            content[RUN] = self._run_record("train", rnd, job.cid, seed_gen=job.seeds[0], seed_torch=job.seeds[1])
+            self.hops.add(rnd, job.cid, "train", "down", message_bytes(content))
+            msgs.append(Message(content, dst_node_id=self.nodes[job.cid], message_type=MessageType.TRAIN,
                                 group_id=str(rnd)))
         t0 = time.perf_counter()
-        answers = self._exchange(msgs, chosen, f"round {rnd} training")
+        cids = [job.cid for job in jobs]
+        answers = self._exchange(msgs, cids, f"round {rnd} training")
         self._timing(rnd, "train_exchange_s", time.perf_counter() - t0)
-        replies: list[ClientReply] = []
-        for cid in chosen:  # the sampling order, as in-process: aggregation sums in the same order
+        replies = []
+        for cid in cids:
             content = answers[cid].content
-            up = decode_payload(content)
-            try:
-                self.wire.check(up, "up")
-            except ValueError as exc:
-                raise FlowerRunError(f"client {cid}: {exc}") from None
             stats = dict(content[REPLY])
             num_examples = int(stats.pop("num-examples"))
             self.hops.add(rnd, cid, "train", "up", message_bytes(content))
-            self._send(state, rnd, cid, "up", up)
-            replies.append(ClientReply(cid, self.wire.decode_up(up, received[cid], like=state.global_params),
-                                       num_examples, {k: float(v) for k, v in stats.items()}))
+            replies.append(TrainReply(cid, decode_payload(content), num_examples,
+                                      {k: float(v) for k, v in stats.items()}))
         self._save_flower_json()
-        return replies, chosen
+        return replies
 
-    def evaluate(self, state: RunState) -> dict[str, dict[str, float]]:
-        rnd = self._rnd
-        cids = [c for c in self.client_names if self.data[c].test]
+    def evaluate(self, rnd: int, cids: Sequence[str], state: RunState) -> dict[str, dict[str, float]]:
+        held = [c for c in cids if c in self.federation.heldout]
+        cids = [c for c in cids if c not in held]
         base = {GLOBAL: tensors_to_record(state.global_params), SERVER: tensors_to_record(state.server_tensors),
                 SERVER_INFO: ConfigRecord({"json": json.dumps(state.server_info, sort_keys=True)})}
         msgs = []
@@ -246,7 +241,7 @@ class FlowerEngine(Simulator):
             msgs.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE,
                                 group_id=f"{rnd}-eval"))
         t0 = time.perf_counter()
-        answers = self._exchange(msgs, cids, f"round {rnd} evaluation")
+        answers = self._exchange(msgs, cids, f"round {rnd} evaluation") if msgs else {}
         self._timing(rnd, "eval_exchange_s", time.perf_counter() - t0)
         out: dict[str, dict[str, float]] = {}
         for cid in cids:
@@ -254,30 +249,15 @@ class FlowerEngine(Simulator):
             self.hops.add(rnd, cid, "evaluate", "up", message_bytes(content))
             out[cid] = {k: float(v) for k, v in content[EVAL].items()}
         self._save_flower_json()
+        if held:
+            out.update(self.local.evaluate(rnd, held, state))
         return out
 
     # ------------------------------------------------------------------ bookkeeping
-    def _rolled_back(self, state: RunState) -> None:
-        super()._rolled_back(state)
-        self._rnd = state.round  # nodes then evaluate the client state they saved after that round
-
-    def _start(self, resume: bool) -> tuple[RunState, random.Random]:
-        state, rng = super()._start(resume)
-        if resume:
-            record = read_flower_json(self.out)
-            self.hops = HopLedger.from_json(record.get("hop", []))
-            self.hops.truncate(state.round)
-            rounds = {k: v for k, v in record.get("timing", {}).get("rounds", {}).items() if int(k) <= state.round}
-            self.timing["rounds"] = rounds
-            self.timing["resumed_after_round"] = state.round
-        self._rnd = state.round
-        self._save_flower_json()
-        return state, rng
-
     def flower_record(self) -> dict[str, Any]:
         return {
             "run_uid": self.run_uid,
-            "nodes": {cid: self.nodes[cid] for cid in self.client_names},
+            "nodes": {cid: self.nodes[cid] for cid in self.federation.clients},
             "state_dir": self.state_dir,
             "config_sha256": self.config_sha,
             "hop_bytes": self.hops.summary(),

@@ -1,20 +1,24 @@
-"""In-process, deterministic federated simulator.
+"""The round loop (:class:`RoundLoop`), once for every engine, and the in-process run (:class:`Simulator`).
 
-One model object — the frozen backbone plus its small trainable tensors — serves every client: before a
-client trains (or is evaluated) only its tensors are copied in (its local parameters from its
-:class:`ClientState`, the shared ones from the server's payload). Nothing is ever copied per client except
-those small tensors.
+:class:`RoundLoop` is the server: it samples the clients of a round, builds each one's payload
+(``strategy.configure_train``), encodes it with the run's :class:`~fednl.engine.wire.Wire` and counts it in the
+ledger, hands the jobs to a :class:`~fednl.engine.executor.ClientExecutor` (in this process, or Flower
+SuperNodes), counts and decodes the replies that came back, aggregates them (:meth:`RoundLoop._aggregate`: the one
+place between the clients' answers and the global state), evaluates, writes metrics.jsonl and checkpoints.
+:class:`Simulator` is the loop with :class:`~fednl.engine.clients.InProcessExecutor`: every client of the task in
+this process, on one shared model.
 
 Determinism: client sampling uses a seeded :class:`random.Random` whose state is checkpointed; each
 (round, client) trains with a torch generator (shuffling) and a forked global torch RNG seeded from
-``sha256(seed, round, cid)``, so the result does not depend on what ran before in the process. After every
-round the full run state is checkpointed (:mod:`fednl.engine.runstate`), and ``resume=True`` continues from the
-newest checkpoint to a bit-identical end.
+``sha256(seed, round, cid)``, so the result does not depend on what ran before in the process or where the
+client runs. After every round the full run state is checkpointed (:mod:`fednl.engine.runstate`), and
+``resume=True`` continues from the newest checkpoint to a bit-identical end.
 
-Every payload crosses :class:`~fednl.engine.wire.Wire` (the run's codec per direction) and is counted by the
-ledger; ``engine.max_bytes`` ends the run after the last round whose traffic fits (the round that would cross it
-is discarded and the run rolls back to the checkpoint before it). ``[server_opt]`` puts an outer optimiser on
-the strategy's aggregate (:mod:`fednl.strategies.server_opt`).
+Every payload crosses the wire (the run's codec per direction) and is counted by the ledger when it crosses: a
+round's downlink payloads when they are sent, an uplink payload when its reply arrives (a client that does not
+answer sends nothing). ``engine.max_bytes`` ends the run after the last round whose traffic fits (the round that
+would cross it is discarded and the run rolls back to the checkpoint before it). ``[server_opt]`` puts an outer
+optimiser on the strategy's aggregate (:mod:`fednl.strategies.server_opt`).
 """
 
 from __future__ import annotations
@@ -23,28 +27,27 @@ import hashlib
 import json
 import random
 import resource
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from fednl.client.state import ClientState
-from fednl.client.trainer import run_client_round
-from fednl.util.atomic import atomic_write_json, atomic_write_text
+from fednl.engine.clients import ClientRuntime, InProcessExecutor
+from fednl.engine.executor import ClientExecutor, TrainJob, TrainReply
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
-from fednl.strategies.server_opt import server_step
 from fednl.engine.wire import Wire, payload_bytes
-from fednl.eval.metrics import PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
+from fednl.strategies.server_opt import server_step
+from fednl.util.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from fednl.config import EngineConfig, TrainConfig
+    from fednl.data.types import Example, FederatedTask
 
 COUNT_KEYS = frozenset({"n", "tokens"})  # per-client counts, not averaged into "mean"
 # settings a resume may change: they affect speed, logging or evaluation, never the trained parameters
@@ -103,7 +106,7 @@ def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 @dataclass
 class RunSpec:
-    """What a run needs besides the model, tokenizer, task and strategy."""
+    """What a run needs besides the model, tokenizer, clients and strategy."""
 
     rounds: int
     seed: int
@@ -124,20 +127,16 @@ class BudgetExhausted(Exception):
         super().__init__(f"round {rnd}: {direction} payload of {cid} ({nbytes} B) after {spent} B > max_bytes {limit}")
 
 
-class Simulator:
-    """Run ``spec.rounds`` federated rounds of ``strategy`` on ``task`` with one shared ``model``."""
+class RoundLoop:
+    """Run ``spec.rounds`` federated rounds of ``strategy``; ``executor`` runs the clients (see the module
+    docstring). ``model`` is the server's copy of the model: the initial global parameters, the initial values of
+    the local parameters and the fingerprint a resume (and every Flower node) checks come from it."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: Any, strategy: Strategy, spec: RunSpec,
-                 *, log: Callable[[str], None] = print):
-        self.model, self.tokenizer, self.task, self.strategy, self.spec = model, tokenizer, task, strategy, spec
-        self.log = log
-        names = [c.name for c in task.clients]
-        if len(set(names)) != len(names):
-            raise ValueError(f"task {task.name!r}: client names are not unique: {names}")
-        if not names:
-            raise ValueError(f"task {task.name!r} has no clients")
-        self.client_names = names
-        self.data = {c.name: c for c in task.clients}
+    def __init__(self, model: torch.nn.Module, strategy: Strategy, spec: RunSpec, executor: ClientExecutor, *,
+                 log: Callable[[str], None] = print):
+        self.model, self.strategy, self.spec, self.executor, self.log = model, strategy, spec, executor, log
+        self.federation = executor.federation
+        self.client_names = list(self.federation.clients)
         self.index = group_index(strategy.groups)
         self.device = next(iter(model.parameters())).device
         self.wire = Wire.from_engine(spec.engine)
@@ -150,7 +149,7 @@ class Simulator:
             round=0,
             global_params=strategy.init_server(live),
             initial_local={n: live[n].to("cpu").clone() for n in sorted(strategy.local_names())},
-            clients={cid: ClientState(cid) for cid in names},
+            clients={cid: ClientState(cid) for cid in self.client_names},
         )
 
     @property
@@ -158,74 +157,9 @@ class Simulator:
         """The initial values of the strategy's local parameters (what a client that never trained holds)."""
         return self._fresh.initial_local
 
-    # ------------------------------------------------------------------ parameter swapping
-    def install_client(self, cid: str, global_params: Params, state: RunState) -> None:
-        """Load client ``cid``'s personalised model into the shared one: its local parameters (persisted, or
-        the initial values if it never trained), then ``strategy.eval_params`` (default: the global shared)."""
-        live = dict(self.model.named_parameters())
-        client = state.clients[cid]
-        local = client.local_params()
-        with torch.no_grad():
-            for n in self.strategy.local_names():
-                live[n].copy_(local.get(n, state.initial_local[n]))
-            for n, t in self.strategy.eval_params(cid, global_params, client).items():
-                if n not in live:
-                    raise StrategyError(f"strategy {self.strategy.name!r}: eval_params names unknown parameter {n!r}")
-                live[n].copy_(t)
-
-    def evaluate(self, state: RunState) -> dict[str, dict[str, float]]:
-        """Each training client's personalised model on its test split."""
-        return {cid: self.evaluate_client(cid, self.data[cid].test, state) for cid in self.client_names
-                if self.data[cid].test}
-
-    def evaluate_heldout(self, state: RunState) -> dict[str, dict[str, float]]:
-        """Held-out clients (never trained): global shared + initial local parameters, on all their examples."""
-        out = {}
-        for c in self.task.heldout:
-            examples = [*c.train, *c.test]
-            if examples:
-                out[c.name] = self.evaluate_client(c.name, examples, state, ClientState(c.name))
-        return out
-
-    def evaluate_client(self, cid: str, examples: list[Any], state: RunState,
-                        client: ClientState | None = None) -> dict[str, float]:
-        """Client ``cid``'s personalised model (:meth:`install_client`) on ``examples``; ``client`` evaluates a
-        client outside ``state`` (a held-out one) with that throw-away state instead."""
-        if client is not None:  # a client outside the federation: install with a throw-away state
-            state = RunState(state.round, state.global_params, state.initial_local, {cid: client})
-        self.install_client(cid, state.global_params, state)
-        bs = int(self.spec.engine.eval_batch_size or self.spec.train.batch_size)
-        return evaluate_examples(self.model, self.tokenizer, examples, seq_len=eval_seq_len(self.spec),
-                                 batch_size=bs)
-
-    # ------------------------------------------------------------------ one client's local round
     def client_seeds(self, rnd: int, cid: str) -> tuple[int, int]:
         """``(shuffling generator seed, global torch seed)`` of client ``cid`` in round ``rnd``."""
         return derive_seed(self.spec.seed, "client", rnd, cid), derive_seed(self.spec.seed, "torch", rnd, cid)
-
-    def train_client(self, rnd: int, cid: str, payload: Payload, client: ClientState, *, initial_local: Params,
-                     seeds: tuple[int, int] | None = None) -> ClientReply:
-        """Client ``cid``'s local round ``rnd`` on the decoded ``payload``, as the round loop runs it: a torch
-        generator (shuffling) and a forked global torch RNG seeded from ``seeds`` (default
-        :meth:`client_seeds`), so the result does not depend on what ran before. ``client`` is updated in place;
-        ``initial_local`` is what a client that never trained starts its local parameters from."""
-        seed_gen, seed_torch = self.client_seeds(rnd, cid) if seeds is None else seeds
-        gen = torch.Generator().manual_seed(int(seed_gen))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
-            torch.manual_seed(int(seed_torch))
-            return run_client_round(
-                self.model, self.strategy, cid, payload, client, self.data[cid].train, self.tokenizer,
-                self.spec.train, rnd, gen, initial_local=initial_local,
-            )
-
-    def client_round(self, rnd: int, cid: str, down: Payload, client: ClientState, *, initial_local: Params,
-                     seeds: tuple[int, int] | None = None) -> tuple[Payload, ClientReply]:
-        """Client ``cid``'s whole side of round ``rnd``: decode the wire payload ``down`` (:class:`Wire`, with the
-        client's wire state), :meth:`train_client`, encode the reply. Returns ``(wire reply, reply)``."""
-        received = self.wire.decode_down(down, client)
-        reply = self.train_client(rnd, cid, received, client, initial_local=initial_local, seeds=seeds)
-        return self.wire.encode_up(reply.payload, received, client), reply
 
     # ------------------------------------------------------------------ one round
     def _send(self, state: RunState, rnd: int, cid: str, direction: str, payload: Payload) -> None:
@@ -241,8 +175,8 @@ class Simulator:
         """The clients of round ``rnd`` (the strategy's sample, checked) and their :meth:`client_seeds`, recorded
         in ``state.schedule``."""
         chosen = self.strategy.sample(rnd, list(self.client_names), rng)
-        unknown = [c for c in chosen if c not in self.data]
-        if not chosen or unknown:
+        unknown = [c for c in chosen if c not in self.client_names]
+        if not chosen or unknown or len(set(chosen)) != len(chosen):
             raise StrategyError(f"strategy {self.strategy.name!r} sampled an invalid client set {chosen}")
         seeds = {cid: self.client_seeds(rnd, cid) for cid in chosen}
         state.schedule.append({"round": rnd, "clients": list(chosen),
@@ -250,22 +184,46 @@ class Simulator:
         return chosen, seeds
 
     def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
+        """Sample, send every sampled client its payload, receive. Returns the decoded replies of the clients that
+        answered (in sampling order: aggregation sums in the same order whatever the executor) and the sample."""
         chosen, seeds = self._sample_round(rnd, state, rng)
-        replies: list[ClientReply] = []
-        show = bool(self.spec.engine.progress) and sys.stderr.isatty()
-        for cid in tqdm(chosen, desc=f"round {rnd}", unit="client", leave=False, disable=not show):
+        jobs: list[TrainJob] = []
+        received: dict[str, Payload | None] = {}
+        for cid in chosen:
             payload = self.strategy.configure_train(rnd, cid, state.global_params)
-            down, received = self.wire.encode_down(cid, payload, state.engine_tensors)
+            down, received[cid] = self.wire.encode_down(cid, payload, state.engine_tensors)
             self._send(state, rnd, cid, "down", down)
-            up, reply = self.client_round(rnd, cid, down, state.clients[cid], initial_local=state.initial_local,
-                                          seeds=seeds[cid])
-            self._send(state, rnd, cid, "up", up)
-            replies.append(ClientReply(cid, self.wire.decode_up(up, received, like=state.global_params),
-                                       reply.num_examples, reply.metrics))
+            jobs.append(TrainJob(cid, down, seeds[cid]))
+        answers = self._answers(rnd, chosen, self.executor.train(rnd, jobs, state))
+        replies: list[ClientReply] = []
+        for cid in chosen:
+            answer = answers.get(cid)
+            if answer is None:  # dropped out: its uplink never crossed
+                continue
+            try:
+                self.wire.check(answer.payload, "up")
+            except ValueError as exc:
+                raise StrategyError(f"round {rnd}: the reply of client {cid}: {exc}") from None
+            self._send(state, rnd, cid, "up", answer.payload)
+            replies.append(ClientReply(cid, self.wire.decode_up(answer.payload, received[cid], like=state.global_params),
+                                       answer.num_examples, dict(answer.metrics)))
         return replies, chosen
 
+    @staticmethod
+    def _answers(rnd: int, chosen: Sequence[str], replies: Sequence[TrainReply]) -> dict[str, TrainReply]:
+        out: dict[str, TrainReply] = {}
+        for r in replies:
+            if r.cid not in chosen or r.cid in out:
+                raise StrategyError(f"round {rnd}: unexpected or repeated reply of client {r.cid!r} "
+                                    f"(sampled: {list(chosen)})")
+            out[r.cid] = r
+        return out
+
     def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState) -> Params:
-        """The strategy's aggregate, then the server optimiser's step on it (when ``[server_opt]`` is set)."""
+        """The replies of round ``rnd`` -> the new global parameters: the one step between the clients' answers
+        and the global state (update screening, robust aggregation and client-level DP belong here, so that no
+        rejected reply reaches the strategy). The strategy's aggregate, then the server optimiser's step on it
+        (when ``[server_opt]`` is set)."""
         aggregate = self.strategy.aggregate_train(rnd, replies, state.global_params)
         if self.spec.server_opt is None:
             return aggregate
@@ -324,6 +282,7 @@ class Simulator:
         state, rng = self._start(resume)
         if state.round > self.spec.rounds:
             raise ValueError(f"checkpoint is at round {state.round}, beyond rounds={self.spec.rounds}")
+        self.executor.start(state, resumed=resume)
         session_start = time.perf_counter()
         wall_before = float(state.info.get("wall_s", 0.0))
         if self.spec.engine.max_bytes is not None and not resume:
@@ -334,6 +293,8 @@ class Simulator:
                 replies, chosen = self._round(rnd, state, rng)
             except BudgetExhausted as stop:
                 return self._stop_on_budget(stop, wall_before + time.perf_counter() - session_start)
+            if not replies:
+                raise RuntimeError(f"round {rnd}: none of the {len(chosen)} sampled clients answered")
             state.global_params = self._aggregate(rnd, replies, state)
             state.server_tensors, state.server_info = self.strategy.server_state()
             weights = [r.num_examples for r in replies]
@@ -346,11 +307,15 @@ class Simulator:
             s_round = time.perf_counter() - t0
             up, down = state.ledger.total("up", rnd), state.ledger.total("down", rnd)
             peak = peak_memory_mb(self.device)
-            records.insert(0, {
+            record: dict[str, Any] = {
                 "type": "round", "round": rnd, "clients": chosen, "train_loss": loss, "bytes_up": up,
                 "bytes_down": down, "s_round": s_round, "peak_mem_mb": peak,
                 "client_train": {r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
-            })
+            }
+            answered = {r.cid for r in replies}
+            if len(answered) < len(chosen):
+                record["dropped"] = [c for c in chosen if c not in answered]
+            records.insert(0, record)
             self._append_metrics(records)
             state.round = rnd
             state.python_random = rng.getstate()
@@ -367,23 +332,21 @@ class Simulator:
         return results
 
     def _evaluate_round(self, rnd: int, state: RunState) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-        """Evaluate every client (and the held-out ones) after round ``rnd``; record it in ``state.info``."""
-        evals = self.evaluate(state)
+        """Evaluate every tested client (and the held-out ones) after round ``rnd``; record it in ``state.info``."""
+        fed = self.federation
+        evals = self.executor.evaluate(rnd, fed.tested, state) if fed.tested else {}
         state.info["last_eval"] = evals
         state.info["last_eval_round"] = rnd
         records = [{"type": "eval", "round": rnd, "client": c, **m} for c, m in evals.items()]
-        records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
-                    for c, m in self.evaluate_heldout(state).items()]
+        if fed.heldout:
+            records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
+                        for c, m in self.executor.evaluate(rnd, fed.heldout, state).items()]
         return evals, records
-
-    def _rolled_back(self, state: RunState) -> None:
-        """Called after a budget stop reloaded ``state`` (the end of its last complete round)."""
-        self.strategy.load_server_state(state.server_tensors, state.server_info)
 
     def _stop_on_budget(self, stop: BudgetExhausted, wall_s: float) -> dict[str, Any]:
         """Discard round ``stop.rnd``, go back to the last checkpoint, evaluate it if it was not, write results."""
         state = load_checkpoint(self.ckpt_dir)
-        self._rolled_back(state)
+        self.strategy.load_server_state(state.server_tensors, state.server_info)
         record = {"reason": "max_bytes", "max_bytes": stop.limit, "bytes": state.ledger.total(),
                   "rounds_completed": state.round, "round": stop.rnd,
                   "bytes_needed": stop.spent + stop.nbytes, "message": f"{stop.direction} {stop.cid}"}
@@ -404,12 +367,9 @@ class Simulator:
         return results
 
     # ------------------------------------------------------------------ reporting
-    def _primary(self) -> str:
-        return PRIMARY_METRIC.get(self.task.kind, "accuracy")
-
     def _line(self, rnd: int, loss: float, evals: dict[str, dict[str, float]], up: int, down: int,
               s_round: float, peak: float) -> str:
-        key = self._primary()
+        key = self.federation.metric
         vals = [m[key] for m in evals.values() if key in m]
         metric = f"{key} {sum(vals) / len(vals):.4f}" if vals else f"{key} -"
         return (f"round {rnd:>3}/{self.spec.rounds} | loss {loss:.4f} | {metric} | "
@@ -421,7 +381,48 @@ class Simulator:
         mean = {k: sum(m[k] for m in clients.values() if k in m) / sum(1 for m in clients.values() if k in m)
                 for k in keys}
         return {
-            "method": self.spec.method, "model": self.spec.model_name, "task": self.task.name,
+            "method": self.spec.method, "model": self.spec.model_name, "task": self.federation.task,
             "rounds": self.spec.rounds, "clients": clients, "mean": mean, "comm": state.ledger.summary(),
             "wall_s": round(float(state.info.get("wall_s", 0.0)), 3), "seed": self.spec.seed,
         }
+
+
+class Simulator(RoundLoop):
+    """The in-process run: the round loop with every client of ``task`` in this process, on the one ``model``
+    (:class:`~fednl.engine.clients.InProcessExecutor`). The per-client steps below are what ``fednl evaluate`` and
+    ``fednl memory-eval`` use on a rebuilt run."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: FederatedTask, strategy: Strategy, spec: RunSpec,
+                 *, log: Callable[[str], None] = print):
+        self.runtime = ClientRuntime(model, tokenizer, strategy, spec)
+        executor = InProcessExecutor(self.runtime, task)
+        super().__init__(model, strategy, spec, executor, log=log)
+        self.tokenizer, self.task, self.data = tokenizer, task, executor.data
+
+    def install_client(self, cid: str, global_params: Params, state: RunState) -> None:
+        """Load client ``cid``'s personalised model (its state in ``state``) into the shared model."""
+        self.runtime.install(cid, global_params, state.clients[cid], state.initial_local)
+
+    def evaluate_client(self, cid: str, examples: list[Example], state: RunState,
+                        client: ClientState | None = None) -> dict[str, float]:
+        """Client ``cid``'s personalised model on ``examples``; ``client`` evaluates a client outside ``state``
+        (a held-out one) with that throw-away state instead."""
+        return self.runtime.evaluate(cid, examples, state.global_params,
+                                     state.clients[cid] if client is None else client, state.initial_local)
+
+    def evaluate_heldout(self, state: RunState) -> dict[str, dict[str, float]]:
+        """Held-out clients (never trained): global shared + initial local parameters, on all their examples."""
+        return self.executor.evaluate(state.round, self.federation.heldout, state)
+
+    def train_client(self, rnd: int, cid: str, payload: Payload, client: ClientState, *, initial_local: Params,
+                     seeds: tuple[int, int] | None = None) -> ClientReply:
+        """Client ``cid``'s local round ``rnd`` on the decoded ``payload``, as the round loop runs it (seeds
+        default to :meth:`client_seeds`)."""
+        return self.runtime.train(rnd, cid, payload, client, self.data[cid].train, initial_local=initial_local,
+                                  seeds=self.client_seeds(rnd, cid) if seeds is None else seeds)
+
+    def client_round(self, rnd: int, cid: str, down: Payload, client: ClientState, *, initial_local: Params,
+                     seeds: tuple[int, int] | None = None) -> tuple[Payload, ClientReply]:
+        """Client ``cid``'s whole side of round ``rnd`` on the wire payload ``down``: ``(wire reply, reply)``."""
+        return self.runtime.round(rnd, cid, down, client, self.data[cid].train, initial_local=initial_local,
+                                  seeds=self.client_seeds(rnd, cid) if seeds is None else seeds)
