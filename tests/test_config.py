@@ -112,6 +112,19 @@ def test_method_switch_keeps_only_options_the_new_strategy_has(cfg_file) -> None
     assert not hasattr(c.method.options, "scope")
 
 
+def test_method_name_switch_on_a_preset_explains_itself() -> None:
+    # the tiny preset's FedNL has scope = "rules"; switching by method.name carries over only what FedAvg has
+    c = load_config("tiny", ["method.name=fedavg"])
+    assert c.method.name == "fedavg" and not hasattr(c.method.options, "scope")
+    assert load_config("tiny", ["method.name=fedavg", "method.fraction_fit=0.5"]).method.options.fraction_fit == 0.5
+    # an option the user did write for a method that lacks it: the message says which options the method takes
+    with pytest.raises(ConfigError, match=r"method\.scope: Extra inputs are not permitted \(method 'fedavg' takes "
+                                          r"\[[^]]*'fraction_fit'[^]]*\]\)"):
+        load_config("tiny", ["method.name=fedavg", "method.scope=rules"])
+    with pytest.raises(ConfigError, match="method.name: expected a method name"):
+        load_config("tiny", ["method.name=3"])
+
+
 def test_suite_of_methods_and_picking_one(tmp_path) -> None:
     p = tmp_path / "s.toml"
     p.write_text(BASE.replace('[method]\nname = "fednl"\nscope = "rules"', '[[method]]\nname = "fednl"\n[[method]]\nname = "fedavg"'))
@@ -123,6 +136,7 @@ def test_suite_of_methods_and_picking_one(tmp_path) -> None:
         load_runs(str(p), ["method=fedprox"])
     with pytest.raises(ConfigError, match="no method of this config has an option 'nope'"):
         load_runs(str(p), ["method.nope=1"])
+    assert [r.method.name for r in load_runs(str(p), ["method.name=fednl"])] == ["fednl"]
     with pytest.raises(ConfigError, match="describes 2 runs"):
         load_config(str(p))
 

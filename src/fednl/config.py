@@ -20,6 +20,8 @@ A run config is a TOML file (or a packaged preset, ``src/fednl/presets/<name>.to
 
 ``method`` may instead be an array of tables (``[[method]]``): the file then describes one run per method on
 identical settings (a comparison, e.g. the ``quickstart`` preset). ``--set method=NAME`` keeps only that method.
+On a single method, ``--set method=NAME`` and ``--set method.name=NAME`` switch the strategy and carry over only
+the options the new one also has (``fraction_fit``), so a preset's ``scope`` does not follow FedNL to FedAvg.
 
 Overrides are ``key.sub=value``; the value is parsed as a TOML literal (``3``, ``1e-4``, ``true``,
 ``["q_proj"]``, ``"text"``) and falls back to a plain string. Every error names the key path, e.g.
@@ -207,7 +209,10 @@ class MethodConfig(BaseModel):
         try:
             options = strategy_cls.Options.model_validate(flat)
         except ValidationError as exc:
-            raise _NestedError([(_loc(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+            takes = sorted(strategy_cls.Options.model_fields)
+            raise _NestedError([(_loc(e["loc"]), e["msg"] + (f" (method {name!r} takes {takes})"
+                                                          if e["type"] == "extra_forbidden" else ""))
+                                for e in exc.errors()]) from None
         return {"name": name, "options": options}
 
     @model_serializer(mode="plain")
@@ -400,14 +405,14 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def _override_method(data: dict[str, Any], rest: list[str], value: Any, key: str) -> None:
     method = data.get("method")
-    if not rest:  # method=NAME
+    if not rest or rest == ["name"]:  # method=NAME / method.name=NAME: pick or switch the strategy
         if not isinstance(value, str):
-            raise ConfigError(f"--set method: expected a method name, got {value!r}")
+            raise ConfigError(f"--set {key}: expected a method name, got {value!r}")
         if isinstance(method, list):
             picked = [m for m in method if isinstance(m, dict) and m.get("name") == value]
             if not picked:
                 names = [m.get("name") for m in method if isinstance(m, dict)]
-                raise ConfigError(f"--set method={value}: this config runs {names}; pick one of them")
+                raise ConfigError(f"--set {key}={value}: this config runs {names}; pick one of them")
             data["method"] = picked[0]
         elif isinstance(method, dict) and method.get("name") != value:
             # switch strategy: keep only the options the new one also declares (e.g. fraction_fit)
@@ -420,8 +425,8 @@ def _override_method(data: dict[str, Any], rest: list[str], value: Any, key: str
         raise ConfigError(f"--set {key}: method options are flat (method.OPTION=value)")
     opt = rest[0]
     if isinstance(method, list):
-        targets = [m for m in method if isinstance(m, dict) and (opt == "name" or opt in _strategy_fields(m.get("name")))]
-        if opt == "name" or not targets:
+        targets = [m for m in method if isinstance(m, dict) and opt in _strategy_fields(m.get("name"))]
+        if not targets:
             raise ConfigError(f"--set {key}: no method of this config has an option {opt!r}")
         for m in targets:
             m[opt] = value
