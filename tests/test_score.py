@@ -220,3 +220,19 @@ def test_cli_defaults_match_the_library() -> None:
 
     assert (cli_score.DEFAULT_RULE, cli_score.WINDOW, cli_score.SINKS, cli_score.BIN_SIZE, cli_score.CHUNK) == (
         score_mod.DEFAULT_RULE, score_mod.WINDOW, score_mod.SINKS, score_mod.BIN_SIZE, score_mod.CHUNK)
+
+
+def test_cache_streams_like_a_full_forward_and_changes_only_far_positions(rule_file: Path, text_file: Path) -> None:
+    model, tok, _ = prepare(rule=str(rule_file), model="tiny", window=16, sinks=2, cache=8, cache_every=4)
+    plain, _, _ = prepare(rule=str(rule_file), model="tiny", window=16, sinks=2)
+    ids = tok.encode(TEXT)[:300]
+    full, base = _full_ce(model, ids), _full_ce(plain, ids)
+    assert stream_ce(model, ids, bin_size=64, chunk=23)["ce"] == pytest.approx(float(full.mean()), abs=1e-4)
+    # nothing is evicted before position 18 (16 + 2 sinks), so nothing can be cached before the update at 20
+    torch.testing.assert_close(full[:19], base[:19], rtol=0, atol=1e-6)
+    assert (full[20:] - base[20:]).abs().max() > 1e-4
+    res = _score(str(text_file), "--rule", str(rule_file), "--window", "16", "--sinks", "2", "--json",
+                 "--cache", "8", "--cache-every", "4", "--max-tokens", "300")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["cache"] == 8 and rec["ce"] == pytest.approx(float(full.mean()), abs=1e-4)

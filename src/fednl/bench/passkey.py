@@ -21,8 +21,12 @@ INTRO = "There is a pass key hidden in this text. Remember it. The pass key is {
 QUESTION = "\n\nWhat is the pass key mentioned at the start of this text? The pass key is the number"
 
 
-def prompts(tokenizer: Any, *, n: int, filler: int, seed: int) -> list[tuple[str, list[int]]]:
-    """``n`` (key, token ids) pairs: intro + ``filler`` tokens of book text + question."""
+def prompts(tokenizer: Any, *, n: int, filler: int, seed: int, depth: float = 0.0) -> list[tuple[str, list[int]]]:
+    """``n`` (key, token ids) pairs: intro + ``filler`` tokens of book text + question; with ``depth`` > 0 the
+    first ``depth * filler`` filler tokens come before the intro (the key is then not among the first tokens, so
+    extra sink tokens cannot hold it)."""
+    if not 0.0 <= depth < 1.0:
+        raise ValueError(f"depth must be in [0, 1), got {depth}")
     from fednl.data.text import load_books
 
     book = "".join(load_books(None)[0].pieces)
@@ -32,7 +36,9 @@ def prompts(tokenizer: Any, *, n: int, filler: int, seed: int) -> list[tuple[str
     for _ in range(n):
         key = "".join(str(rng.randrange(10)) for _ in range(5))
         start = rng.randrange(0, len(ids) - filler - 1)
-        body = tokenizer.encode(INTRO.format(key=key) + " ") + ids[start : start + filler] + tokenizer.encode(QUESTION)
+        fill, before = ids[start : start + filler], int(depth * filler)
+        intro = tokenizer.encode((" " if before else "") + INTRO.format(key=key) + " ")
+        body = fill[:before] + intro + fill[before:] + tokenizer.encode(QUESTION)
         out.append((key, body))
     return out
 
@@ -43,8 +49,8 @@ def digit_accuracy(key: str, answer: str) -> float:
 
 
 def run(*, rule: str = "default", model: str | None = None, window: int = 64, sinks: int = 4, n: int = 20,
-        filler: int = 560, seed: int = 0, threads: int = 2, conditions: tuple[str, ...] = ("memory", "window", "full"),
-        json_out: bool = False) -> dict[str, Any]:
+        filler: int = 560, seed: int = 0, threads: int = 2, conditions: tuple[str, ...] | None = None,
+        json_out: bool = False, cache: int = 0, cache_every: int = 16, depth: float = 0.0) -> dict[str, Any]:
     import torch
 
     from fednl.eval.memory import condition
@@ -52,10 +58,13 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
     from fednl.models.streaming import StreamingLM
 
     torch.set_num_threads(threads)
-    net, tok, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks)
-    items = prompts(tok, n=n, filler=filler, seed=seed)
+    net, tok, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks, cache=cache, cache_every=cache_every)
+    items = prompts(tok, n=n, filler=filler, seed=seed, depth=depth)
+    if conditions is None:
+        conditions = ("memory", "cache", "window", "full") if cache else ("memory", "window", "full")
     res: dict[str, Any] = {"rule": rule if loaded is None else str(loaded.origin), "window": window, "sinks": sinks,
-                           "n": n, "filler": filler, "seed": seed, "prompt_tokens": len(items[0][1])}
+                           "cache": cache, "cache_every": cache_every, "depth": depth, "n": n, "filler": filler,
+                           "seed": seed, "prompt_tokens": len(items[0][1])}
     for cond in conditions:
         t0 = time.perf_counter()
         accs = []
@@ -70,7 +79,8 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
         print(json.dumps(res))
     else:
         print(f"passkey beyond the window: {n} prompts of {res['prompt_tokens']} tokens, window {window} + {sinks} "
-              f"sinks, rule {res['rule']} (chance: 0.10 digit accuracy)")
+              f"sinks" + (f" + a cache of {cache}" if cache else "") + f", key at depth {depth}, rule {res['rule']} "
+              "(chance: 0.10 digit accuracy)")
         for cond in conditions:
             r = res[cond]
             print(f"  {cond:<8} digit accuracy {r['digit_accuracy']:.3f}   exact {r['exact']:.2f}   ({r['seconds']} s)")

@@ -79,14 +79,18 @@ def bench_passkey(
     seed: int = typer.Option(0, help="seed of the keys and the filler offsets"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    cache: int = typer.Option(0, min=0, help="sparse cache of N evicted tokens per KV head (memory.cache)"),
+    cache_every: int = typer.Option(16, min=1, help="tokens between cache updates"),
+    depth: float = typer.Option(0.0, min=0.0, max=0.99, help="fraction of the filler placed before the key"),
 ) -> None:
-    """Passkey digit accuracy with the key beyond the window: memory vs window + sinks vs full attention."""
+    """Passkey digit accuracy with the key beyond the window: memory vs window + sinks vs full attention (and,
+    with --cache, window + sinks + the sparse cache without the memory)."""
     from fednl.bench.passkey import run
     from fednl.cli.errors import user_errors
 
     with user_errors():
         run(rule=rule, model=model, window=window, sinks=sinks, n=n, filler=filler, seed=seed, threads=threads,
-            json_out=json_out)
+            json_out=json_out, cache=cache, cache_every=cache_every, depth=depth)
 
 
 def register(app: typer.Typer) -> None:

@@ -30,6 +30,9 @@ def score(
                               "the file)"),
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar on stderr"),
+    cache: int = typer.Option(0, "--cache", min=0, help="a sparse cache of N evicted tokens per KV head beside the "
+                              "window, chosen by the memory's surprise (memory.cache); stays on with --memory off"),
+    cache_every: int = typer.Option(16, "--cache-every", min=1, help="tokens between cache updates"),
 ) -> None:
     """Stream FILE through the converted model (bounded memory: the memory state + sinks + window) and print the
     next-token cross-entropy (nats) per position bin and overall."""
@@ -45,7 +48,8 @@ def score(
             torch.set_num_threads(threads)
         try:
             rec = score_file(file, rule=rule, model=model, window=window, sinks=sinks, memory=memory,
-                             bin_size=bin_size, max_tokens=max_tokens, chunk=chunk, progress=progress,
+                             bin_size=bin_size, max_tokens=max_tokens, chunk=chunk, progress=progress, cache=cache,
+                             cache_every=cache_every,
                              log=lambda msg: typer.echo(msg, err=True), free_backbone=True)
         finally:
             torch.set_num_threads(before)

@@ -8,6 +8,9 @@ examples token by token under four conditions that differ in one part only:
 * ``window``      — the softmax path alone (gate 0): window + sink tokens, no memory at all;
 * ``full``        — full causal attention, memory off: the ceiling the window is measured against.
 
+A model with a sparse cache (``memory.cache``) has a fifth, ``cache``: window + sinks + the cache, memory not mixed
+in (gate 0); ``window`` and ``full`` then turn the cache off, so the window + sinks baseline stays the same.
+
 CE is reported per position range (default ``[1, W)`` inside the window, ``[W, 256)``, ``[256, end)`` beyond) and
 per bin, token-weighted over every example. ``carried = gain beyond - gain inside``, where ``gain`` is the CE drop
 of ``memory`` vs ``window`` in that range: a memory that only adapts to the text lowers CE everywhere, so only the
@@ -28,6 +31,7 @@ from fednl.client.trainer import model_device, model_logits
 from fednl.eval.position import place_token_ce, position_grid, token_ce
 
 CONDITIONS = ("memory", "zeroed", "window", "full")
+CACHE_CONDITION = "cache"
 
 
 @contextlib.contextmanager
@@ -38,21 +42,25 @@ def condition(model: torch.nn.Module, name: str) -> Iterator[None]:
     layers = titans_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no converted (Titans) attention layers")
-    if name not in CONDITIONS:
-        raise ValueError(f"unknown condition {name!r}; expected one of {CONDITIONS}")
-    saved = [(layer.window, layer.gate_override, layer.memory_zero) for layer in layers]
+    if name not in (*CONDITIONS, CACHE_CONDITION):
+        raise ValueError(f"unknown condition {name!r}; expected one of {(*CONDITIONS, CACHE_CONDITION)}")
+    if name == CACHE_CONDITION and not any(layer.cache_size for layer in layers):
+        raise ValueError("condition 'cache' needs a model with a sparse cache (memory.cache > 0)")
+    saved = [(layer.window, layer.gate_override, layer.memory_zero, layer.cache_size) for layer in layers]
     for layer in layers:
         if name == "zeroed":
             layer.memory_zero = True
-        elif name in ("window", "full"):
+        elif name in ("window", "full", CACHE_CONDITION):
             layer.gate_override = 0.0
+        if name in ("window", "full"):
+            layer.cache_size = 0
         if name == "full":
             layer.window = None
     try:
         yield
     finally:
-        for layer, (window, override, zero) in zip(layers, saved):
-            layer.window, layer.gate_override, layer.memory_zero = window, override, zero
+        for layer, (window, override, zero, cache) in zip(layers, saved):
+            layer.window, layer.gate_override, layer.memory_zero, layer.cache_size = window, override, zero, cache
 
 
 @torch.no_grad()
@@ -127,10 +135,13 @@ def memory_views(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any]
 
 
 def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: int | None = None,
-                     conditions: Sequence[str] = CONDITIONS, log: Any = print) -> dict[str, Any]:
+                     conditions: Sequence[str] = CONDITIONS, cache: int = 0, cache_every: int = 16,
+                     log: Any = print) -> dict[str, Any]:
     """:func:`memory_views` on a finished run: its held-out clients (``clients="heldout"``: the global rule, as a
     newcomer gets it) or its training clients' test splits (``"train"``: each client's personalised model), pooled
-    over clients. Needs a converted model with ``memory.attn_window`` and a text task."""
+    over clients. Needs a converted model with ``memory.attn_window`` and a text task. ``cache`` > 0 evaluates the
+    trained model with a sparse cache of that many evicted tokens per KV head (``memory.cache``; inference only)
+    and adds the ``cache`` condition."""
     import time
 
     from fednl.client.state import ClientState
@@ -143,6 +154,9 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
     if window is None:
         raise ValueError(f"{run_dir}: the run's model has no attention window (memory.attn_window); nothing is "
                          "beyond a full-attention window")
+    if cache:
+        set_cache(sim.model, cache, cache_every)
+        conditions = (*conditions, CACHE_CONDITION) if CACHE_CONDITION not in conditions else conditions
     seq_len = eval_seq_len(sim.spec)
     bs = int(sim.spec.engine.eval_batch_size or sim.spec.train.batch_size)
     if clients == "heldout":
@@ -169,8 +183,24 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
             f"{c} {views[c]['ranges'][-1]['ce']:.4f}" for c in conditions) + f"  (beyond position "
             f"{views['ranges'][-1][0]}, {len(examples)} docs)")
     pooled = _pool(per_client, conditions)
-    return {"run": str(run_dir), "clients": clients, "window": int(window), "per_client": per_client,
+    return {"run": str(run_dir), "clients": clients, "window": int(window), "cache": int(cache),
+            "cache_every": int(cache_every), "per_client": per_client,
             "pooled": pooled, "seconds": round(time.time() - t0, 1)}
+
+
+def set_cache(model: torch.nn.Module, size: int, every: int = 16) -> None:
+    """Give every converted layer of ``model`` a sparse cache of ``size`` evicted tokens per KV head, updated every
+    ``every`` tokens (``MemoryConfig.cache``); the layers must write evicted tokens (``memory.write = "evicted"``)."""
+    from fednl.models.titans import titans_layers
+
+    if size < 0 or every < 1:
+        raise ValueError(f"cache size must be >= 0 and its update interval >= 1; got {size}, {every}")
+    layers = titans_layers(model)
+    if size and any(layer.memory_cfg.write != "evicted" or layer.window is None for layer in layers):
+        raise ValueError("a sparse cache needs a windowed memory that writes evicted tokens "
+                         "(memory.attn_window and memory.write = 'evicted')")
+    for layer in layers:
+        layer.cache_size, layer.cache_every = int(size), int(every)
 
 
 def _first_layer(model: torch.nn.Module) -> Any:

@@ -100,13 +100,15 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
 
 def prepare(
     *, rule: str = DEFAULT_RULE, model: str | None = None, window: int = WINDOW, sinks: int = SINKS,
-    memory: str = "on", seed: int = 0,
+    memory: str = "on", seed: int = 0, cache: int = 0, cache_every: int = 16,
 ) -> tuple[nn.Module, Any, Rule | None]:
     """Build the converted model for scoring: ``(model, tokenizer, rule or None)``.
 
     ``rule``: a packaged rule name, a path, ``"default"`` (the backbone's packaged rule) or ``"none"`` (an
     untrained memory). ``model``: the backbone source; ``None`` = the rule's own (``smollm2`` without a rule).
-    The rule's memory design is used with ``attn_window = window`` and ``attn_sinks = sinks``.
+    The rule's memory design is used with ``attn_window = window`` and ``attn_sinks = sinks``; ``cache`` > 0 adds
+    the surprise-selected sparse cache of evicted tokens (``MemoryConfig.cache``, updated every ``cache_every``
+    tokens), which stays on with ``memory = "off"`` (it is part of the softmax path).
     """
     from fednl.models.build import build_model
     from fednl.models.loading import load_backbone
@@ -136,7 +138,7 @@ def prepare(
             model_cfg = model_cfg.model_copy(update={"source": model})
         design = loaded.memory_config
     mem_cfg = _validated(MemoryConfig, {**design.model_dump(), "attn_window": int(window), "attn_sinks": int(sinks),
-                                        "gate_override": None}, "memory design")
+                                        "gate_override": None, "cache": int(cache), "cache_every": int(cache_every)}, "memory design")
     net = build_model("titans", model_cfg, mem_cfg, NOOP_LORA, seed=seed)
     if loaded is not None:
         install_rule(net, loaded)
@@ -191,7 +193,8 @@ def stream_ce(model: nn.Module, ids: list[int], *, bin_size: int = BIN_SIZE, chu
 def score_file(
     path: str | os.PathLike[str], *, rule: str = DEFAULT_RULE, model: str | None = None, window: int = WINDOW,
     sinks: int = SINKS, memory: str = "on", bin_size: int = BIN_SIZE, max_tokens: int | None = None,
-    chunk: int = CHUNK, progress: bool = False, log: Any = None, free_backbone: bool = False,
+    chunk: int = CHUNK, progress: bool = False, log: Any = None, free_backbone: bool = False, cache: int = 0,
+    cache_every: int = 16,
 ) -> dict[str, Any]:
     """The whole ``fednl score`` record (see the CLI's ``--json``). ``log``: where notes go (a callable).
     ``free_backbone``: drop the process's cached backbone once the scoring model is built (a command that
@@ -200,7 +203,8 @@ def score_file(
         raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}")
     _check_sizes(bin_size, chunk)
     path = _check_file(path)  # before the (slow) model build
-    net, tokenizer, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks, memory=memory)
+    net, tokenizer, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks, memory=memory, cache=cache,
+                                     cache_every=cache_every)
     if free_backbone:
         from fednl.models.loading import clear_backbone_cache
 
@@ -215,7 +219,7 @@ def score_file(
     return {"bins": res["bins"], "ce": res["ce"], "tokens": res["tokens"],
             "rule": loaded.origin if loaded is not None else NO_RULE, "window": int(window), "sinks": int(sinks),
             "memory": memory, "seconds": res["seconds"], "state_bytes": res["state_bytes"], "model": source,
-            "bin_size": int(bin_size)}
+            "bin_size": int(bin_size), "cache": int(cache)}
 
 
 def format_score(rec: dict[str, Any], path: str) -> str:

@@ -16,7 +16,7 @@ Format: one ``.safetensors`` file; the tensors under their ``named_parameters()`
 Named rules are packaged files ``fednl/rules/<name>.safetensors`` (:func:`list_rules`); :func:`load_rule`
 takes a name or a path. :func:`install_rule` copies a rule into a converted model after checking the backbone,
 the memory design and every tensor name and shape. Fields of the memory config that only say how the model is
-*run* (:data:`RUNTIME_FIELDS`: window, sinks, gate override, op mode and chunk size) may differ between the rule
+*run* (:data:`RUNTIME_FIELDS`: window, sinks, sparse cache, gate override, op mode and chunk size) may differ between the rule
 and the model it is installed in; every other field must match.
 """
 
@@ -45,7 +45,7 @@ SUFFIX = ".safetensors"
 RULE_GROUPS: tuple[str, ...] = ("rule", "gate")
 #: Memory-config fields that describe how the model is run, not what the rule's parameters mean.
 RUNTIME_FIELDS: frozenset[str] = frozenset({"attn_window", "attn_sinks", "gate_override", "mode", "chunk_size",
-                                            "init_rule"})
+                                            "init_rule", "cache", "cache_every"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -1,0 +1,54 @@
+"""Passkey prompts (``fednl bench passkey``): the key's place at a given depth, and the cache condition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fednl.bench.passkey import INTRO, QUESTION, digit_accuracy, prompts
+from fednl.eval.memory import condition
+from fednl.models import LoraConfig, MemoryConfig, ModelConfig, build_model
+from fednl.models.loading import load_backbone
+from fednl.models.titans import titans_layers
+
+TINY = ModelConfig(source="tiny")
+
+
+def test_depth_places_the_filler_before_the_key():
+    tok = load_backbone(TINY)[1]
+    (k0, ids0), = prompts(tok, n=1, filler=200, seed=3)
+    (k1, ids1), = prompts(tok, n=1, filler=200, seed=3, depth=0.5)
+    assert k0 == k1
+    intro = tok.encode(INTRO.format(key=k0) + " ")
+    assert ids0[: len(intro)] == intro and ids0[-len(tok.encode(QUESTION)):] == tok.encode(QUESTION)
+    assert ids1[:100] == ids0[len(intro): len(intro) + 100]  # the first half of the same filler comes first
+    assert tok.decode(ids1).count(k0) == 2 and len(ids1) == len(ids0) + 1  # + the space before the intro
+    with pytest.raises(ValueError, match="depth"):
+        prompts(tok, n=1, filler=10, seed=0, depth=1.0)
+
+
+def test_digit_accuracy():
+    assert digit_accuracy("12345", " 12345.") == 1.0
+    assert digit_accuracy("12345", " the key is 12399") == 0.6
+    assert digit_accuracy("12345", "none") == 0.0
+
+
+def test_cache_condition_keeps_the_cache_and_the_baselines_drop_it():
+    m = build_model("titans", TINY, MemoryConfig(attn_window=8, write="evicted", cache=4), LoraConfig(), seed=0)
+    layers = titans_layers(m)
+    with condition(m, "cache"):
+        assert all(layer.cache_size == 4 and layer.gate_override == 0.0 for layer in layers)
+    for name in ("window", "full"):
+        with condition(m, name):
+            assert all(layer.cache_size == 0 for layer in layers)
+    assert all(layer.cache_size == 4 and layer.gate_override is None for layer in layers)
+    plain = build_model("titans", TINY, MemoryConfig(attn_window=8), LoraConfig(), seed=0)
+    with pytest.raises(ValueError, match="sparse cache"):
+        with condition(plain, "cache"):
+            pass
+    x = torch.randint(0, 200, (1, 40))
+    with torch.no_grad(), condition(m, "window"):
+        a = m(x).logits
+    with torch.no_grad(), condition(plain, "window"):
+        b = plain(x).logits
+    torch.testing.assert_close(a, b)
