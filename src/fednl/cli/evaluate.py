@@ -30,7 +30,11 @@ def memory_eval(
     clients: str = typer.Option("heldout", help="'heldout' (global rule, books never trained on) or 'train' "
                                                 "(each client's personalised model on its test split)"),
     max_examples: int | None = typer.Option(None, help="at most this many documents per client"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="output JSON (default RUN_DIR/memory_eval-CLIENTS.json)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output JSON (default RUN_DIR/memory_eval-CLIENTS.json, "
+                                                             "-CLIENTS-cacheN.json with --cache)"),
+    cache: int = typer.Option(0, "--cache", min=0, help="add a sparse cache of N evicted tokens per KV head "
+                                                       "(memory.cache; inference only) and its 'cache' condition"),
+    cache_every: int = typer.Option(16, "--cache-every", min=1, help="tokens between cache updates"),
 ) -> None:
     """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
     import json
@@ -39,12 +43,13 @@ def memory_eval(
     from fednl.eval.memory import run_memory_views
 
     with user_errors():
-        res = run_memory_views(run_dir, clients=clients, max_examples=max_examples)
-        path = out or Path(run_dir) / f"memory_eval-{clients}.json"
+        res = run_memory_views(run_dir, clients=clients, max_examples=max_examples, cache=cache,
+                               cache_every=cache_every)
+        path = out or Path(run_dir) / (f"memory_eval-{clients}" + (f"-cache{cache}" if cache else "") + ".json")
         atomic_write_text(path, json.dumps(res, indent=1))
         p = res["pooled"]
         typer.echo(f"beyond position {p['ranges'][-1][0]}: " + "  ".join(
-            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "window", "full") if c in p))
+            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "window", "full") if c in p))
         typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
                    f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
         results = Path(run_dir) / "results.json"
