@@ -218,3 +218,15 @@ def test_select_variants() -> None:
     assert sub.titles == plan.titles
     with pytest.raises(ValueError, match="unknown variant"):
         select_variants(plan, ["nope"])
+
+
+def test_a_job_stopped_after_a_checkpoint_resumes_instead_of_starting_over(tmp_path) -> None:
+    job = build_plan("smoke", [0]).jobs[0]
+    run = job.run_dir(tmp_path)
+    first = job_commands(job, tmp_path)[0]
+    assert "--overwrite" in first and "--resume" not in first  # nothing there yet: start
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.resolved.toml").write_text("seed = 0\n")
+    assert "--overwrite" in job_commands(job, tmp_path)[0]  # an empty checkpoint folder holds nothing to resume
+    (run / "checkpoint" / "round-0001").mkdir()
+    assert shell_line(job_commands(job, tmp_path)[0]) == f"fednl run --resume {run}"

@@ -185,14 +185,19 @@ def fednl_command() -> list[str]:
 
 
 def job_commands(job: Job, root: Path) -> list[list[str]]:
-    """The commands a job still needs (none when both results.json and eval.json exist)."""
+    """The commands a job still needs (none when both results.json and eval.json exist). A run stopped after a
+    checkpoint continues from it (``--resume``); one with no checkpoint starts over."""
     out = job.run_dir(root)
     cmds = []
     if not (out / "results.json").is_file():
-        run = [*fednl_command(), "run", job.preset, "--out", str(out), "--overwrite"]
-        for s in job.sets:
-            run += ["--set", s]
-        cmds.append(run)
+        if (out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir()) and \
+                (out / "config.resolved.toml").is_file():
+            cmds.append([*fednl_command(), "run", "--resume", str(out)])
+        else:
+            run = [*fednl_command(), "run", job.preset, "--out", str(out), "--overwrite"]
+            for s in job.sets:
+                run += ["--set", s]
+            cmds.append(run)
     if not (out / job.eval_file()).is_file():
         cmds.append(job.eval_command(root))
     return cmds
