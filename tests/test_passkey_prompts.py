@@ -52,3 +52,18 @@ def test_cache_condition_keeps_the_cache_and_the_baselines_drop_it():
     with torch.no_grad(), condition(plain, "window"):
         b = plain(x).logits
     torch.testing.assert_close(a, b)
+
+
+def test_equal_budget_twins_are_the_wider_window_and_the_extra_sinks():
+    m = build_model("titans", TINY, MemoryConfig(attn_window=8, attn_sinks=2, write="evicted", cache=5), LoraConfig(),
+                    seed=0)
+    x = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    for name, design in (("wider", {"attn_window": 13, "attn_sinks": 2}), ("more_sinks", {"attn_window": 8,
+                                                                                         "attn_sinks": 7})):
+        twin = build_model("titans", TINY, MemoryConfig(**design, gate_override=0.0), LoraConfig(), seed=0)
+        with torch.no_grad(), condition(m, name):
+            a = m(x).logits
+        with torch.no_grad():
+            b = twin(x).logits
+        torch.testing.assert_close(a, b)
+    assert [(layer.window, layer.sinks, layer.cache_size) for layer in titans_layers(m)][0] == (8, 2, 5)

@@ -61,7 +61,8 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
     net, tok, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks, cache=cache, cache_every=cache_every)
     items = prompts(tok, n=n, filler=filler, seed=seed, depth=depth)
     if conditions is None:
-        conditions = ("memory", "cache", "window", "full") if cache else ("memory", "window", "full")
+        conditions = (("memory", "cache", "wider", "more_sinks", "window", "full") if cache
+                      else ("memory", "window", "full"))
     res: dict[str, Any] = {"rule": rule if loaded is None else str(loaded.origin), "window": window, "sinks": sinks,
                            "cache": cache, "cache_every": cache_every, "depth": depth, "n": n, "filler": filler,
                            "seed": seed, "prompt_tokens": len(items[0][1])}

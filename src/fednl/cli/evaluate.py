@@ -49,7 +49,7 @@ def memory_eval(
         atomic_write_text(path, json.dumps(res, indent=1))
         p = res["pooled"]
         typer.echo(f"beyond position {p['ranges'][-1][0]}: " + "  ".join(
-            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "window", "full") if c in p))
+            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "wider", "more_sinks", "window", "full") if c in p))
         typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
                    f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
         results = Path(run_dir) / "results.json"

@@ -8,8 +8,10 @@ examples token by token under four conditions that differ in one part only:
 * ``window``      — the softmax path alone (gate 0): window + sink tokens, no memory at all;
 * ``full``        — full causal attention, memory off: the ceiling the window is measured against.
 
-A model with a sparse cache (``memory.cache``) has a fifth, ``cache``: window + sinks + the cache, memory not mixed
-in (gate 0); ``window`` and ``full`` then turn the cache off, so the window + sinks baseline stays the same.
+A model with a sparse cache (``memory.cache`` = C) has three more, all with the memory not mixed in (gate 0):
+``cache`` (window + sinks + the cache), and two twins that spend the same C extra key/value slots without the
+memory's choice: ``wider`` (window W + C, sinks) and ``more_sinks`` (window W, sinks + C: the first tokens).
+``window`` and ``full`` turn the cache off, so the window + sinks baseline stays the same.
 
 CE is reported per position range (default ``[1, W)`` inside the window, ``[W, 256)``, ``[256, end)`` beyond) and
 per bin, token-weighted over every example. ``carried = gain beyond - gain inside``, where ``gain`` is the CE drop
@@ -32,6 +34,7 @@ from fednl.eval.position import place_token_ce, position_grid, token_ce
 
 CONDITIONS = ("memory", "zeroed", "window", "full")
 CACHE_CONDITION = "cache"
+CACHE_CONDITIONS = (CACHE_CONDITION, "wider", "more_sinks")
 
 
 @contextlib.contextmanager
@@ -42,25 +45,30 @@ def condition(model: torch.nn.Module, name: str) -> Iterator[None]:
     layers = titans_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no converted (Titans) attention layers")
-    if name not in (*CONDITIONS, CACHE_CONDITION):
-        raise ValueError(f"unknown condition {name!r}; expected one of {(*CONDITIONS, CACHE_CONDITION)}")
-    if name == CACHE_CONDITION and not any(layer.cache_size for layer in layers):
-        raise ValueError("condition 'cache' needs a model with a sparse cache (memory.cache > 0)")
-    saved = [(layer.window, layer.gate_override, layer.memory_zero, layer.cache_size) for layer in layers]
+    if name not in (*CONDITIONS, *CACHE_CONDITIONS):
+        raise ValueError(f"unknown condition {name!r}; expected one of {(*CONDITIONS, *CACHE_CONDITIONS)}")
+    if name in CACHE_CONDITIONS and not any(layer.cache_size for layer in layers):
+        raise ValueError(f"condition {name!r} needs a model with a sparse cache (memory.cache > 0)")
+    saved = [(layer.window, layer.sinks, layer.gate_override, layer.memory_zero, layer.cache_size) for layer in layers]
     for layer in layers:
         if name == "zeroed":
             layer.memory_zero = True
-        elif name in ("window", "full", CACHE_CONDITION):
+        elif name != "memory":
             layer.gate_override = 0.0
-        if name in ("window", "full"):
+        if name == "wider" and layer.window is not None:
+            layer.window += layer.cache_size
+        elif name == "more_sinks" and layer.window is not None:
+            layer.sinks += layer.cache_size
+        if name in ("window", "full", "wider", "more_sinks"):
             layer.cache_size = 0
         if name == "full":
             layer.window = None
     try:
         yield
     finally:
-        for layer, (window, override, zero, cache) in zip(layers, saved):
-            layer.window, layer.gate_override, layer.memory_zero, layer.cache_size = window, override, zero, cache
+        for layer, (window, sinks, override, zero, cache) in zip(layers, saved):
+            layer.window, layer.sinks, layer.gate_override, layer.memory_zero, layer.cache_size = (
+                window, sinks, override, zero, cache)
 
 
 @torch.no_grad()
@@ -156,7 +164,7 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
                          "beyond a full-attention window")
     if cache:
         set_cache(sim.model, cache, cache_every)
-        conditions = (*conditions, CACHE_CONDITION) if CACHE_CONDITION not in conditions else conditions
+        conditions = (*conditions, *(c for c in CACHE_CONDITIONS if c not in conditions))
     seq_len = eval_seq_len(sim.spec)
     bs = int(sim.spec.engine.eval_batch_size or sim.spec.train.batch_size)
     if clients == "heldout":
