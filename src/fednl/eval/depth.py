@@ -2,8 +2,10 @@
 
 Multiple-choice examples carrying ``meta["depth"]`` (the depth fraction of the queried needle, see
 :mod:`fednl.data.tasks.niah7`) are grouped by depth and scored with the ordinary metric
-(:func:`fednl.eval.metrics.evaluate_examples`); examples without a depth (e.g. the counter template) are left
-out. :func:`merge_depths` pools several clients' tables, weighting each by its example count.
+(:func:`fednl.eval.metrics.evaluate_examples`, i.e. :func:`fednl.eval.scoring.score_mc`); examples without a
+depth (e.g. the counter template) are left out. :func:`depth_table` tabulates answers already scored (the
+evaluation protocol's position pass); :func:`merge_depths` pools several clients' tables, weighting each by its
+example count.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from fednl.eval.metrics import evaluate_examples
+from fednl.eval.scoring import McScore
 
 
 def depth_key(depth: float) -> str:
@@ -29,6 +32,20 @@ def group_by_depth(examples: Iterable[Any]) -> dict[str, list[Any]]:
         if ex.kind == "mc" and depth is not None:
             groups.setdefault(depth_key(depth), []).append(ex)
     return dict(sorted(groups.items(), key=lambda kv: float(kv[0])))
+
+
+def depth_table(answers: Iterable[tuple[float | None, McScore]]) -> dict[str, dict[str, float]]:
+    """``{depth_key: {"accuracy", "n"}}`` from ``(depth, score)`` pairs of answered ``mc`` examples (those
+    without a depth are left out), in increasing depth order."""
+    table: dict[str, dict[str, float]] = {}
+    for depth, score in answers:
+        if depth is not None:
+            cell = table.setdefault(depth_key(depth), {"accuracy": 0.0, "n": 0.0})
+            cell["accuracy"] += score.correct
+            cell["n"] += 1.0
+    for cell in table.values():
+        cell["accuracy"] /= cell["n"]
+    return dict(sorted(table.items(), key=lambda kv: float(kv[0])))
 
 
 def accuracy_by_depth(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int,

@@ -1,11 +1,12 @@
-"""Per-client evaluation metrics (no gradient, deterministic).
+"""Per-client evaluation metrics (no gradient, deterministic); the scores come from :mod:`fednl.eval.scoring`.
 
 * ``mc``   — ``accuracy``: argmax over the choice-letter tokens at the last prompt position;
-             ``answer_loglik``: mean over examples of log p(gold letter | prompt) (full-vocabulary softmax).
+             ``answer_loglik``: mean over examples of log p(gold letter | prompt) (full-vocabulary softmax)
+             (:func:`~fednl.eval.scoring.score_mc`).
 * ``qa``   — ``exact_match``: greedy decoding of as many tokens as the gold answer has, compared after
              stripping whitespace; ``answer_loglik``: mean over examples of the mean per-token log-probability
              of the gold answer (teacher forcing).
-* ``text`` — ``ce``: token-weighted mean next-token cross-entropy (nats/token).
+* ``text`` — ``ce``: token-weighted mean next-token cross-entropy (nats/token) (:func:`~fednl.eval.scoring.token_ce`).
 Every result also carries ``n`` (examples scored). A client whose test set mixes kinds gets ``<kind>/``
 prefixes on the clashing metric names.
 """
@@ -16,13 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fednl.client.batching import IGNORE, Encoded, Tokenizer, collate, encode_cached
 from fednl.client.trainer import model_device, selected_logits
+from fednl.eval.scoring import McScore, mc_metrics, score_mc, token_ce
+from fednl.records import HIGHER_IS_BETTER, PRIMARY_METRIC
 
-PRIMARY_METRIC = {"mc": "accuracy", "qa": "exact_match", "text": "ce"}
-HIGHER_IS_BETTER = {"accuracy": True, "exact_match": True, "answer_loglik": True, "ce": False}
+__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "eval_mc", "eval_qa", "eval_seq_len", "eval_text",
+           "evaluate_examples", "greedy_decode"]
 
 
 def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
@@ -32,19 +34,13 @@ def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
 @torch.no_grad()
 def eval_mc(model: torch.nn.Module, encoded: Sequence[Encoded], eos_id: int, batch_size: int) -> dict[str, float]:
     device = model_device(model)
-    correct, loglik = 0, 0.0
+    scores: list[McScore] = []
     for chunk in _chunks(encoded, batch_size):
         batch = collate(chunk, eos_id).to(device)
         rows = torch.arange(len(chunk), device=device)
-        last = selected_logits(model, batch.input_ids, rows, batch.last_prompt).float()  # [B, V]
-        logp = torch.log_softmax(last, dim=-1)
-        for b, e in enumerate(chunk):
-            cand = torch.tensor(e.choice_ids, device=device)
-            scores = last[b, cand]
-            correct += int(int(scores.argmax()) == e.gold)
-            loglik += float(logp[b, e.choice_ids[e.gold]])
-    n = len(encoded)
-    return {"accuracy": correct / n, "answer_loglik": loglik / n, "n": float(n)}
+        last = selected_logits(model, batch.input_ids, rows, batch.last_prompt)  # [B, V]
+        scores += score_mc(last, [e.choice_ids for e in chunk], [e.gold for e in chunk])
+    return mc_metrics(scores)
 
 
 @torch.no_grad()
@@ -116,8 +112,8 @@ def eval_text(model: torch.nn.Module, encoded: Sequence[Encoded], eos_id: int, b
     for chunk in _chunks(encoded, batch_size):
         batch = collate(chunk, eos_id).to(device)
         rows, cols = (batch.targets != IGNORE).nonzero(as_tuple=True)
-        logits = selected_logits(model, batch.input_ids, rows, cols).float()
-        total += float(F.cross_entropy(logits, batch.targets[rows, cols], reduction="sum"))
+        logits = selected_logits(model, batch.input_ids, rows, cols)
+        total += float(token_ce(logits, batch.targets[rows, cols], reduction="sum"))
         count += int(rows.numel())
     return {"ce": total / count, "tokens": float(count), "n": float(len(encoded))}
 

@@ -1,10 +1,7 @@
-"""Per-token next-token cross-entropy, for streaming CE by position bin (paper Fig. 5).
-
-:func:`token_ce_reference` is the readable specification (one ``log_softmax`` row per position);
-:func:`token_ce` is the vectorised path (one ``F.cross_entropy(..., reduction="none")``). Both map logits
-``[B, T, V]`` and targets ``[B, T]`` (``-100`` = not scored) to a ``[B, T]`` tensor, 0 where not scored.
-:func:`ce_by_position` runs a model over ``text`` examples and bins the per-token CE with
-:func:`fednl.data.bins.bin_means`.
+"""Streaming CE by position bin (paper Fig. 5): :func:`ce_by_position` runs a model over documents (or question
+prompts read as a stream), scores every token with :func:`fednl.eval.scoring.token_ce` and bins the per-token CE
+with :func:`fednl.data.bins.bin_means`; multiple-choice examples are answered in the same pass
+(:func:`fednl.eval.scoring.score_mc`).
 """
 
 from __future__ import annotations
@@ -14,43 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fednl.client.batching import IGNORE, collate, encode_cached
 from fednl.client.trainer import model_device, model_logits
 from fednl.data.bins import bin_means, relative_to_first
+from fednl.eval.scoring import score_mc, token_ce
 
-
-def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if logits.ndim != 3 or targets.ndim != 2 or logits.shape[:2] != targets.shape:
-        raise ValueError(f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-
-
-def token_ce_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position CE, one position at a time (the specification)."""
-    _check(logits, targets)
-    B, T, _ = logits.shape
-    rows = []
-    for b in range(B):
-        row = []
-        for t in range(T):
-            y = int(targets[b, t])
-            if y == IGNORE:
-                row.append(logits.new_zeros(()))
-            else:
-                row.append(-torch.log_softmax(logits[b, t].float(), dim=-1)[y])
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
-
-
-def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position CE in one vectorised call (0 where ``targets == -100``)."""
-    _check(logits, targets)
-    B, T, V = logits.shape
-    ce = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=IGNORE,
-                         reduction="none")
-    return ce.reshape(B, T)
+__all__ = ["ce_by_position", "place_token_ce", "position_grid", "token_ce"]
 
 
 def position_grid(encoded: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +45,7 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
     ``text`` examples are scored on every token. Question examples (``mc``, ``qa``) are scored on their prompt
     tokens only — the prompt read as a stream (NIAH, paper Fig. 5) — and ``mc`` examples are also answered in
     the same forward pass: ``mc`` holds one ``{"correct", "answer_loglik", "depth"}`` per ``mc`` example, in
-    order, computed as :func:`fednl.eval.metrics.eval_mc` does.
+    order (:func:`fednl.eval.scoring.score_mc`, as :func:`fednl.eval.metrics.eval_mc` scores them).
 
     Position ``t`` is the 0-based index of the *predicted* token in the document (the input at ``t - 1``
     predicts it), so the first scored token sits at position 1 of bin 0.
@@ -101,12 +68,13 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
                 targets[b, : e.n_prompt - 1] = torch.tensor(e.ids[1:e.n_prompt], device=device)
         logits = model_logits(model, batch.input_ids)
         place_token_ce(values, mask, start, token_ce(logits, targets), targets)
-        for b, (e, ex) in enumerate(zip(chunk, examples[start:start + batch_size])):
-            if ex.kind == "mc":
-                last = logits[b, int(batch.last_prompt[b])].float()
-                scores = last[torch.tensor(e.choice_ids, device=device)]
-                mc.append({"correct": int(int(scores.argmax()) == e.gold),
-                           "answer_loglik": float(torch.log_softmax(last, dim=-1)[e.choice_ids[e.gold]]),
+        answered = [(b, e, ex) for b, (e, ex) in enumerate(zip(chunk, examples[start:start + batch_size]))
+                    if ex.kind == "mc"]
+        if answered:
+            last = torch.stack([logits[b, int(batch.last_prompt[b])] for b, _, _ in answered])
+            scores = score_mc(last, [e.choice_ids for _, e, _ in answered], [e.gold for _, e, _ in answered])
+            for s, (_, _, ex) in zip(scores, answered):
+                mc.append({"correct": int(s.correct), "answer_loglik": s.answer_loglik,
                            "depth": ex.meta.get("depth") if isinstance(ex.meta, dict) else None})
     model.train(was_training)
     if not mask.any():

@@ -46,9 +46,10 @@ from fednl.client.state import ClientState
 from fednl.util.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator
-from fednl.eval.depth import depth_key, evaluate_with_depths, merge_depths
+from fednl.eval.depth import depth_table, evaluate_with_depths, merge_depths
 from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.eval.position import ce_by_position
+from fednl.eval.scoring import McScore, mc_metrics
 from fednl.models.titans import set_gate_override, set_memory_zero, titans_layers
 
 EVAL_NAME = "eval.json"
@@ -169,19 +170,8 @@ def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[s
     if p is not None and all(e.kind == "text" for e in examples):
         return {"ce": p["ce_mean"], "tokens": float(p["tokens"]), "n": float(p["n"])}, {}, p
     if p is not None and all(e.kind == "mc" for e in examples):  # answered in the position pass
-        scored = p.pop("mc")
-        n = len(scored)
-        metrics = {"accuracy": sum(r["correct"] for r in scored) / n,
-                   "answer_loglik": sum(r["answer_loglik"] for r in scored) / n, "n": float(n)}
-        table: dict[str, dict[str, float]] = {}
-        for r in scored:
-            if r["depth"] is not None:
-                cell = table.setdefault(depth_key(r["depth"]), {"accuracy": 0.0, "n": 0.0})
-                cell["accuracy"] += r["correct"]
-                cell["n"] += 1.0
-        for cell in table.values():
-            cell["accuracy"] /= cell["n"]
-        return metrics, dict(sorted(table.items(), key=lambda kv: float(kv[0]))), p
+        answers = [(r["depth"], McScore(bool(r["correct"]), r["answer_loglik"])) for r in p.pop("mc")]
+        return mc_metrics(s for _, s in answers), depth_table(answers), p
     metrics, d = evaluate_with_depths(sim.model, sim.tokenizer, examples, seq_len=eval_seq_len(sim.spec),
                                       batch_size=_bs(sim))
     return metrics, d, p
