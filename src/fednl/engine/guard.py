@@ -1,19 +1,20 @@
 """The one step between "replies received" and "aggregate": screening, robust aggregation, client-level DP.
 
-Per round, the engine calls::
+``RoundLoop._aggregate`` (``engine/simulator.py``, the round loop of every engine: in process and on Flower) runs,
+per round::
 
-    if guard.budget_exhausted(m): stop            # [dp] max_epsilon: the next release would pass it
+    if guard.budget_exhausted(n): stop            # [dp] max_epsilon: the next release would pass it (before the round)
     step = guard.prepare(rnd, replies, reference=global_params, like=strategy.reply_like(global_params),
-                         m=m, noise_seed=...)     # screen -> clip / Krum (or DP clipping) -> the round's mean
+                         m=m, noise_seed=..., received=sent)   # screen -> clip / Krum (or DP clipping) -> the mean
     if step.replies:
         with strategy.averaging(step.mean):
             new_global = strategy.aggregate_train(rnd, step.replies, global_params)
-        guard.released(m)                         # the accountant composes the round's release
-    record step.to_record() (+ guard.spent())     # metrics.jsonl, the console line
+        step.privacy = guard.released(m)          # the accountant composes the round's release
+    round record += step.to_record(); console line += step.console()
 
 ``m`` is the number of clients sampled for the round (public; DP's denominator). A rejected reply is only in
-``step.rejected``: it never reaches the strategy. The options must fit the strategy
-(:func:`composition_errors`, checked when the config loads).
+``step.rejected``: it never reaches the strategy; with every reply rejected the global state stays as it was. The
+options must fit the strategy (:func:`composition_errors`, checked when the config loads).
 """
 
 from __future__ import annotations
@@ -69,11 +70,20 @@ class GuardStep:
     clipped: dict[str, float] = field(default_factory=dict)  # cid -> update norm before clipping
     krum_dropped: list[str] = field(default_factory=list)
     median_norm: float | None = None
+    privacy: dict[str, Any] | None = None  # ClientDP.spent() after the round's release (DP runs)
 
     def to_record(self) -> dict[str, Any]:
-        """The ``metrics.jsonl`` fields of the round record."""
-        return {"rejected": [r.to_record() for r in self.rejected], "clipped": dict(self.clipped),
-                "krum_dropped": list(self.krum_dropped), "accepted": [r.cid for r in self.replies]}
+        """The round record's fields for ``metrics.jsonl``: only what happened (a plain round adds nothing)."""
+        out: dict[str, Any] = {}
+        if self.rejected:
+            out["rejected"] = [r.to_record() for r in self.rejected]
+        if self.clipped:
+            out["clipped"] = dict(self.clipped)
+        if self.krum_dropped:
+            out["krum_dropped"] = list(self.krum_dropped)
+        if self.privacy is not None:
+            out["dp"] = dict(self.privacy)
+        return out
 
     def summary(self) -> str:
         """Short console text (empty when nothing was rejected, clipped or dropped)."""
@@ -83,6 +93,15 @@ class GuardStep:
         if self.clipped:
             parts.append(f"clipped {len(self.clipped)}")
         return "; ".join(parts)
+
+    def console(self) -> str:
+        """What the round's console line gets appended (`` | ε 1.23 | rejected c3 (nonfinite: ...)``)."""
+        parts = []
+        if self.privacy is not None:
+            parts.append(f"ε {self.privacy['epsilon']:.3g} (δ {self.privacy['delta']:g})")
+        if self.summary():
+            parts.append(self.summary())
+        return "".join(f" | {p}" for p in parts)
 
 
 class UpdateGuard:
@@ -104,8 +123,8 @@ class UpdateGuard:
         del rnd
         screened = screen_replies(replies, spec_of(like), reference, self.screen, received=received)
         step = GuardStep(screened.accepted, None, screened.rejected, median_norm=screened.median_norm)
-        if self.dp is not None:
-            step.replies, step.clipped = self.dp.clip(step.replies, reference, received=received)
+        if self.dp is not None:  # clipped and averaged against the global parameters (what every client is sent)
+            step.replies, step.clipped = self.dp.clip(step.replies, reference)
             step.mean = self.dp.mean(reference, m, torch.Generator().manual_seed(int(noise_seed)))
             return step
         outcome = apply_robust(step.replies, reference, self.robust, received=received)

@@ -38,6 +38,7 @@ import torch
 from fednl.client.state import ClientState
 from fednl.engine.clients import ClientRuntime, InProcessExecutor
 from fednl.engine.executor import ClientExecutor, TrainJob, TrainReply
+from fednl.engine.guard import GuardStep, UpdateGuard
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
 from fednl.engine.wire import Wire, payload_bytes
@@ -46,13 +47,13 @@ from fednl.strategies.server_opt import server_step
 from fednl.util.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from fednl.config import EngineConfig, TrainConfig
+    from fednl.config import EngineConfig, RunConfig, TrainConfig
     from fednl.data.types import Example, FederatedTask
 
 COUNT_KEYS = frozenset({"n", "tokens"})  # per-client counts, not averaged into "mean"
 # settings a resume may change: they affect speed, logging or evaluation, never the trained parameters
 RESUME_MUTABLE = ("rounds", "out", "description", "engine.progress", "engine.device", "engine.threads",
-                  "engine.eval_every", "engine.eval_batch_size", "engine.max_bytes")
+                  "engine.eval_every", "engine.eval_batch_size", "engine.max_bytes", "dp.max_epsilon")
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -116,7 +117,11 @@ class RunSpec:
     method: str
     model_name: str
     config: dict[str, Any] = field(default_factory=dict)  # resolved config (JSON form), checked on resume
+    run_config: RunConfig | None = None  # the typed config the run was built from (None for a hand-built run)
     server_opt: Any = None  # a fednl.strategies.server_opt.ServerOptConfig, or None (the aggregate is the new global)
+    screen: Any = None  # fednl.engine.screening.ScreenConfig (the norm check), or None
+    robust: Any = None  # fednl.engine.robust.RobustConfig, or None
+    dp: Any = None  # fednl.engine.dp.DPConfig (client-level DP), or None
 
 
 class BudgetExhausted(Exception):
@@ -140,6 +145,7 @@ class RoundLoop:
         self.index = group_index(strategy.groups)
         self.device = next(iter(model.parameters())).device
         self.wire = Wire.from_engine(spec.engine)
+        self.guard = UpdateGuard(screen=spec.screen, robust=spec.robust, dp=spec.dp, n_clients=len(self.client_names))
         self.out = Path(spec.out)
         self.ckpt_dir = self.out / "checkpoint"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -183,15 +189,19 @@ class RoundLoop:
                                "seeds": {c: str(s[0]) for c, s in seeds.items()}})
         return chosen, seeds
 
-    def _round(self, rnd: int, state: RunState, rng: random.Random) -> tuple[list[ClientReply], list[str]]:
+    def _round(self, rnd: int, state: RunState,
+               rng: random.Random) -> tuple[list[ClientReply], list[str], dict[str, Params]]:
         """Sample, send every sampled client its payload, receive. Returns the decoded replies of the clients that
-        answered (in sampling order: aggregation sums in the same order whatever the executor) and the sample."""
+        answered (in sampling order: aggregation sums in the same order whatever the executor), the sample, and
+        the tensors each client was sent (what its update is measured against)."""
         chosen, seeds = self._sample_round(rnd, state, rng)
         jobs: list[TrainJob] = []
         received: dict[str, Payload | None] = {}
+        sent: dict[str, Params] = {}
         for cid in chosen:
             payload = self.strategy.configure_train(rnd, cid, state.global_params)
             down, received[cid] = self.wire.encode_down(cid, payload, state.engine_tensors)
+            sent[cid] = received[cid].tensors if received[cid] is not None else payload.tensors
             self._send(state, rnd, cid, "down", down)
             jobs.append(TrainJob(cid, down, seeds[cid]))
         answers = self._answers(rnd, chosen, self.executor.train(rnd, jobs, state))
@@ -207,7 +217,7 @@ class RoundLoop:
             self._send(state, rnd, cid, "up", answer.payload)
             replies.append(ClientReply(cid, self.wire.decode_up(answer.payload, received[cid], like=state.global_params),
                                        answer.num_examples, dict(answer.metrics)))
-        return replies, chosen
+        return replies, chosen, sent
 
     @staticmethod
     def _answers(rnd: int, chosen: Sequence[str], replies: Sequence[TrainReply]) -> dict[str, TrainReply]:
@@ -219,16 +229,26 @@ class RoundLoop:
             out[r.cid] = r
         return out
 
-    def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState) -> Params:
+    def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState, *, m: int,
+                   sent: dict[str, Params]) -> tuple[Params, GuardStep]:
         """The replies of round ``rnd`` -> the new global parameters: the one step between the clients' answers
-        and the global state (update screening, robust aggregation and client-level DP belong here, so that no
-        rejected reply reaches the strategy). The strategy's aggregate, then the server optimiser's step on it
-        (when ``[server_opt]`` is set)."""
-        aggregate = self.strategy.aggregate_train(rnd, replies, state.global_params)
+        and the global state. :class:`~fednl.engine.guard.UpdateGuard` screens the replies (a rejected one never
+        reaches the strategy), applies ``[robust]``'s clipping and Krum or ``[dp]``'s clipping, and sets the mean
+        the strategy averages with (median, trimmed mean, DP's noisy mean over the ``m`` sampled clients); then
+        the strategy's aggregate and the server optimiser's step on it (``[server_opt]``). With every reply
+        rejected the global parameters stay as they are."""
+        step = self.guard.prepare(rnd, replies, reference=state.global_params,
+                                  like=self.strategy.reply_like(state.global_params), m=m,
+                                  noise_seed=derive_seed(self.spec.seed, "dp", rnd), received=sent)
+        if not step.replies:
+            return state.global_params, step
+        with self.strategy.averaging(step.mean):
+            aggregate = self.strategy.aggregate_train(rnd, step.replies, state.global_params)
+        step.privacy = self.guard.released(m)
         if self.spec.server_opt is None:
-            return aggregate
+            return aggregate, step
         return server_step(self.spec.server_opt, state.global_params, aggregate, state.engine_tensors,
-                           state.engine_info)
+                           state.engine_info), step
 
     # ------------------------------------------------------------------ the run
     def _start(self, resume: bool) -> tuple[RunState, random.Random]:
@@ -249,6 +269,7 @@ class RoundLoop:
         if set(state.clients) != set(self.client_names):
             raise ValueError(f"cannot resume {self.out}: checkpoint clients {sorted(state.clients)} != task clients")
         self.strategy.load_server_state(state.server_tensors, state.server_info)
+        self.guard.load_state(state.engine_info)
         state.info.pop("stopped", None)
         if state.python_random is not None:
             rng.setstate(state.python_random)
@@ -289,16 +310,22 @@ class RoundLoop:
             save_checkpoint(self.ckpt_dir, state)  # round 0: what a budget stop in round 1 rolls back to
         for rnd in range(state.round + 1, self.spec.rounds + 1):
             t0 = time.perf_counter()
+            if self.guard.budget_exhausted(len(self.client_names)):  # (ε does not depend on the sample size)
+                return self._stop_on_privacy(rnd, state, wall_before + time.perf_counter() - session_start)
             try:
-                replies, chosen = self._round(rnd, state, rng)
+                replies, chosen, sent = self._round(rnd, state, rng)
             except BudgetExhausted as stop:
                 return self._stop_on_budget(stop, wall_before + time.perf_counter() - session_start)
             if not replies:
                 raise RuntimeError(f"round {rnd}: none of the {len(chosen)} sampled clients answered")
-            state.global_params = self._aggregate(rnd, replies, state)
+            state.global_params, step = self._aggregate(rnd, replies, state, m=len(chosen), sent=sent)
             state.server_tensors, state.server_info = self.strategy.server_state()
-            weights = [r.num_examples for r in replies]
-            loss = sum(r.metrics["train_loss"] * w for r, w in zip(replies, weights)) / sum(weights)
+            state.engine_info.update(self.guard.state())
+            rejected = {r.cid for r in step.rejected}
+            kept = [r for r in replies if r.cid not in rejected]
+            weights = [r.num_examples for r in kept]
+            loss = (sum(r.metrics["train_loss"] * w for r, w in zip(kept, weights)) / sum(weights) if kept
+                    else float("nan"))
             records: list[dict[str, Any]] = []
             evals: dict[str, dict[str, float]] = {}
             if self._is_eval_round(rnd):
@@ -315,6 +342,7 @@ class RoundLoop:
             answered = {r.cid for r in replies}
             if len(answered) < len(chosen):
                 record["dropped"] = [c for c in chosen if c not in answered]
+            record.update(step.to_record())
             records.insert(0, record)
             self._append_metrics(records)
             state.round = rnd
@@ -322,7 +350,7 @@ class RoundLoop:
             state.torch_rng = torch.get_rng_state()
             state.info["wall_s"] = wall_before + time.perf_counter() - session_start
             save_checkpoint(self.ckpt_dir, state)
-            self.log(self._line(rnd, loss, evals, up, down, s_round, peak))
+            self.log(self._line(rnd, loss, evals, up, down, s_round, peak) + step.console())
             if stop_after is not None and rnd >= stop_after and rnd < self.spec.rounds:
                 return None
         state.info["wall_s"] = wall_before + time.perf_counter() - session_start
@@ -347,9 +375,29 @@ class RoundLoop:
         """Discard round ``stop.rnd``, go back to the last checkpoint, evaluate it if it was not, write results."""
         state = load_checkpoint(self.ckpt_dir)
         self.strategy.load_server_state(state.server_tensors, state.server_info)
+        self.guard.load_state(state.engine_info)
         record = {"reason": "max_bytes", "max_bytes": stop.limit, "bytes": state.ledger.total(),
                   "rounds_completed": state.round, "round": stop.rnd,
                   "bytes_needed": stop.spent + stop.nbytes, "message": f"{stop.direction} {stop.cid}"}
+        cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
+        return self._stop(state, record, wall_s, f"stopped: the {stop.direction}link payload of {stop.cid} in round "
+                          f"{stop.rnd} would bring the traffic to {stop.spent + stop.nbytes:,} B, past "
+                          f"engine.max_bytes = {stop.limit:,} B; results cover {cover} ({state.ledger.total():,} B)")
+
+    def _stop_on_privacy(self, rnd: int, state: RunState, wall_s: float) -> dict[str, Any]:
+        """``[dp] max_epsilon``: round ``rnd``'s release would pass the budget; end after round ``rnd - 1``."""
+        spent = self.guard.spent() or {}
+        limit = float(self.spec.dp.max_epsilon)
+        record = {"reason": "max_epsilon", "max_epsilon": limit, "epsilon": spent.get("epsilon", 0.0),
+                  "delta": spent.get("delta"), "rounds_completed": state.round, "round": rnd,
+                  "message": f"the release of round {rnd} would take epsilon past {limit:g}"}
+        cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
+        return self._stop(state, record, wall_s, f"stopped: round {rnd}'s release would take ε past dp.max_epsilon = "
+                          f"{limit:g} (ε = {record['epsilon']:.4g} at δ = {record['delta']:g} after {state.round} "
+                          f"rounds); results cover {cover}")
+
+    def _stop(self, state: RunState, record: dict[str, Any], wall_s: float, message: str) -> dict[str, Any]:
+        """End the run cleanly at ``state``: evaluate it if it was not, a stop record, checkpoint, results."""
         records: list[dict[str, Any]] = []
         if state.info.get("last_eval_round") != state.round:
             records += self._evaluate_round(state.round, state)[1]
@@ -360,10 +408,7 @@ class RoundLoop:
         results = {**self.results(state), "stopped": record}
         atomic_write_json(self.out / "results.json", results)
         self.state = state
-        cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
-        self.log(f"stopped: the {stop.direction}link payload of {stop.cid} in round {stop.rnd} would bring the "
-                 f"traffic to {stop.spent + stop.nbytes:,} B, past engine.max_bytes = {stop.limit:,} B; results "
-                 f"cover {cover} ({state.ledger.total():,} B)")
+        self.log(message)
         return results
 
     # ------------------------------------------------------------------ reporting
