@@ -111,6 +111,28 @@ def test_a_rejected_update_never_reaches_the_global_parameters(tmp_path: Path, a
     assert math.isfinite(rec["train_loss"])
 
 
+def test_a_reply_the_uplink_codec_did_not_write_is_refused_not_fatal(tmp_path: Path) -> None:
+    """float64 tensors under the fp32 uplink codec: the reply is refused (check ``wire``), its bytes are in the
+    ledger (they crossed), the round goes on and ends as if the client had not answered."""
+    def f64(rnd: int, r: TrainReply) -> TrainReply | None:
+        return rewrite(r, lambda n, t: t.double()) if (rnd, r.cid) == (1, "client0") else r
+
+    def silent(rnd: int, r: TrainReply) -> TrainReply | None:
+        return None if (rnd, r.cid) == (1, "client0") else r
+
+    hostile_sim(tmp_path / "f64", rounds=1, tamper=f64).run()
+    hostile_sim(tmp_path / "silent", rounds=1, tamper=silent).run()
+    ga, gb = final(tmp_path / "f64").global_params, final(tmp_path / "silent").global_params
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    rec = by_round(tmp_path / "f64")[1]
+    assert [(r["client"], r["check"]) for r in rec["rejected"]] == [("client0", "wire")] and "dropped" not in rec
+    ledger = final(tmp_path / "f64").ledger
+    up = {e.cid: 0 for e in ledger.entries}
+    for e in ledger.entries:
+        up[e.cid] += e.bytes if e.direction == "up" else 0
+    assert up["client0"] == 2 * up["client1"]  # float64: twice the bytes of the fp32 reply, counted as they crossed
+
+
 def test_every_reply_rejected_leaves_the_global_state_untouched(tmp_path: Path) -> None:
     sim = hostile_sim(tmp_path / "r", rounds=1, tamper=lambda rnd, r: ATTACKS["nan"][0](r))
     before = {n: t.clone() for n, t in sim._fresh.global_params.items()}

@@ -39,6 +39,7 @@ from fednl.client.state import ClientState
 from fednl.engine.clients import ClientRuntime, InProcessExecutor
 from fednl.engine.executor import ClientExecutor, TrainJob, TrainReply
 from fednl.engine.guard import GuardStep, UpdateGuard
+from fednl.engine.screening import Rejection
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
 from fednl.engine.wire import Wire, payload_bytes
@@ -189,11 +190,12 @@ class RoundLoop:
                                "seeds": {c: str(s[0]) for c, s in seeds.items()}})
         return chosen, seeds
 
-    def _round(self, rnd: int, state: RunState,
-               rng: random.Random) -> tuple[list[ClientReply], list[str], dict[str, Params]]:
+    def _round(self, rnd: int, state: RunState, rng: random.Random
+               ) -> tuple[list[ClientReply], list[str], dict[str, Params], list[Rejection]]:
         """Sample, send every sampled client its payload, receive. Returns the decoded replies of the clients that
-        answered (in sampling order: aggregation sums in the same order whatever the executor), the sample, and
-        the tensors each client was sent (what its update is measured against)."""
+        answered (in sampling order: aggregation sums in the same order whatever the executor), the sample, the
+        tensors each client was sent (what its update is measured against), and the replies refused because they
+        are not what the uplink codec writes (check ``wire``: counted in the ledger, never decoded further)."""
         chosen, seeds = self._sample_round(rnd, state, rng)
         jobs: list[TrainJob] = []
         received: dict[str, Payload | None] = {}
@@ -206,18 +208,21 @@ class RoundLoop:
             jobs.append(TrainJob(cid, down, seeds[cid]))
         answers = self._answers(rnd, chosen, self.executor.train(rnd, jobs, state))
         replies: list[ClientReply] = []
+        refused: list[Rejection] = []
         for cid in chosen:
             answer = answers.get(cid)
             if answer is None:  # dropped out: its uplink never crossed
                 continue
+            self._send(state, rnd, cid, "up", answer.payload)  # it crossed, whatever it holds
             try:
                 self.wire.check(answer.payload, "up")
-            except ValueError as exc:
-                raise StrategyError(f"round {rnd}: the reply of client {cid}: {exc}") from None
-            self._send(state, rnd, cid, "up", answer.payload)
-            replies.append(ClientReply(cid, self.wire.decode_up(answer.payload, received[cid], like=state.global_params),
-                                       answer.num_examples, dict(answer.metrics)))
-        return replies, chosen, sent
+                decoded = self.wire.decode_up(answer.payload, received[cid], like=state.global_params)
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed payload
+                refused.append(Rejection(cid, "wire", f"not a {self.wire.label('up')} uplink payload: {exc}",
+                                         {"codec": self.wire.label("up")}))
+                continue
+            replies.append(ClientReply(cid, decoded, answer.num_examples, dict(answer.metrics)))
+        return replies, chosen, sent, refused
 
     @staticmethod
     def _answers(rnd: int, chosen: Sequence[str], replies: Sequence[TrainReply]) -> dict[str, TrainReply]:
@@ -230,7 +235,7 @@ class RoundLoop:
         return out
 
     def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState, *, m: int,
-                   sent: dict[str, Params]) -> tuple[Params, GuardStep]:
+                   sent: dict[str, Params], refused: list[Rejection] | None = None) -> tuple[Params, GuardStep]:
         """The replies of round ``rnd`` -> the new global parameters: the one step between the clients' answers
         and the global state. :class:`~fednl.engine.guard.UpdateGuard` screens the replies (a rejected one never
         reaches the strategy), applies ``[robust]``'s clipping and Krum or ``[dp]``'s clipping, and sets the mean
@@ -240,6 +245,7 @@ class RoundLoop:
         step = self.guard.prepare(rnd, replies, reference=state.global_params,
                                   like=self.strategy.reply_like(state.global_params), m=m,
                                   noise_seed=derive_seed(self.spec.seed, "dp", rnd), received=sent)
+        step.rejected = [*(refused or []), *step.rejected]
         if not step.replies:
             return state.global_params, step
         with self.strategy.averaging(step.mean):
@@ -313,12 +319,13 @@ class RoundLoop:
             if self.guard.budget_exhausted(len(self.client_names)):  # (ε does not depend on the sample size)
                 return self._stop_on_privacy(rnd, state, wall_before + time.perf_counter() - session_start)
             try:
-                replies, chosen, sent = self._round(rnd, state, rng)
+                replies, chosen, sent, refused = self._round(rnd, state, rng)
             except BudgetExhausted as stop:
                 return self._stop_on_budget(stop, wall_before + time.perf_counter() - session_start)
-            if not replies:
+            if not replies and not refused:
                 raise RuntimeError(f"round {rnd}: none of the {len(chosen)} sampled clients answered")
-            state.global_params, step = self._aggregate(rnd, replies, state, m=len(chosen), sent=sent)
+            state.global_params, step = self._aggregate(rnd, replies, state, m=len(chosen), sent=sent,
+                                                        refused=refused)
             state.server_tensors, state.server_info = self.strategy.server_state()
             state.engine_info.update(self.guard.state())
             rejected = {r.cid for r in step.rejected}
@@ -339,7 +346,7 @@ class RoundLoop:
                 "bytes_down": down, "s_round": s_round, "peak_mem_mb": peak,
                 "client_train": {r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
             }
-            answered = {r.cid for r in replies}
+            answered = {r.cid for r in replies} | {r.cid for r in refused}
             if len(answered) < len(chosen):
                 record["dropped"] = [c for c in chosen if c not in answered]
             record.update(step.to_record())
