@@ -119,7 +119,7 @@ def main() -> None:
                         "hop_bytes": None if e["flower"] is None else e["flower"]["hop_bytes"]}
                     for n, e in engines.items()},
     }
-    from fednl.engine.atomic import atomic_write_json
+    from fednl.util.atomic import atomic_write_json
 
     atomic_write_json(out / "comparison.json", record)
     if worst > TOL or not ledgers_equal:

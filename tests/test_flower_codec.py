@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict 
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 
-from fednl.engine.flower_codec import (  # noqa: E402
+from fednl.flower.codec import (  # noqa: E402
     META,
     STYPE,
     TENSORS,

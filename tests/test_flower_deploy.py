@@ -1,10 +1,14 @@
-"""Real deployment on loopback (slow): TLS SuperLink + SuperNode authentication + 2 authenticated SuperNodes.
+"""Real deployment on loopback (slow): TLS SuperLink + SuperNode authentication + 2 authenticated SuperNodes, each
+reading its own data folder, and a server that holds no data.
 
-One run of ``deploy/loopback_smoke.sh`` (module fixture) serves both tests: 2 rounds of FedNL on the tiny model
-must end exactly where the in-process simulator ends (metrics within 1e-5, identical ledger, hop payload bytes =
-ledger bytes), and a SuperNode whose ECDSA key was never registered must be refused by the SuperLink. The script
-stops everything it starts; the fixture also kills the script's process group and every process group the
-script recorded, whatever happened, and checks that none survives.
+The module fixture copies the book the task is cut from, runs the in-process reference, writes one client folder
+per node (``fednl flower split-data``), then *deletes the book*: from then on the examples exist only in the two
+node folders. One run of ``deploy/loopback_smoke.sh --data`` serves the tests: 2 rounds of FedNL on the tiny
+model must end exactly where the in-process simulator ends (bit for bit, hop payload bytes = ledger bytes); every
+node must refuse to train the other node's client (the isolation check, ``deploy/isolation``); a SuperNode whose
+ECDSA key was never registered must be refused by the SuperLink. The script stops everything it starts; the
+fixture also kills the script's process group and every process group the script recorded, whatever happened,
+and checks that none survives.
 """
 
 from __future__ import annotations
@@ -19,15 +23,14 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_tiny import tiny_config  # noqa: E402
+from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "loopback_smoke.sh"
-TIMEOUT_S = 420
+TIMEOUT_S = 600
 
-CONFIG = tiny_config(seed=11, rounds=2, method="fednl")
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,15 +63,27 @@ def _kill_groups(pgids: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
+    from fednl.config import load_config
+    from fednl.data.paths import EMBEDDED_BOOK
+    from fednl.experiment import run_config
+
     root = tmp_path_factory.mktemp("deploy")
+    book = root / "book" / EMBEDDED_BOOK.name
+    book.parent.mkdir()
+    shutil.copyfile(EMBEDDED_BOOK, book)
     config = root / "run.toml"
-    config.write_text(CONFIG)
+    config.write_text(tiny_config(seed=11, rounds=2, method="fednl", data=str(book)))
     out = root / "out"
+    run_config(load_config(str(config)), root / "inproc", log=lambda _m: None)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "HF_HUB_OFFLINE": "1", "RUN_TIMEOUT_S": str(TIMEOUT_S - 60)}
-    proc = subprocess.Popen(["bash", str(SCRIPT), str(config), str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    split = subprocess.run([str(Path(sys.executable).parent / "fednl"), "flower", "split-data", str(config), "--out",
+                            str(root / "data")], env=env, capture_output=True, text=True, timeout=120)
+    assert split.returncode == 0, split.stdout + split.stderr
+    book.unlink()  # the examples now exist only in the nodes' folders
+    proc = subprocess.Popen(["bash", str(SCRIPT), str(config), str(out), "--data", str(root / "data")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     recorded: list[int] = []
     try:
         try:
@@ -83,35 +98,43 @@ def deployment(tmp_path_factory):
         _kill_groups([proc.pid, *recorded])
     survivors = [g for g in [proc.pid, *recorded] if _alive(g)]
     yield {"rc": proc.returncode, "log": log, "out": out, "config": config, "survivors": survivors,
-           "pgids": recorded}
+           "pgids": recorded, "root": root, "book": book, "split": split.stdout}
 
 
-def test_tls_deployment_two_rounds_equals_inprocess(deployment, tmp_path):
-    from fednl.config import load_config
-    from fednl.engine.experiment import run_config
-
+def test_tls_deployment_with_node_local_data_equals_inprocess(deployment):
     assert deployment["rc"] == 0, deployment["log"][-4000:]
     assert not deployment["survivors"], f"process groups still alive: {deployment['survivors']}"
     assert len(deployment["pgids"]) == 1 + 2 + 1  # SuperLink, two SuperNodes, the intruder
+    assert not deployment["book"].exists()  # nobody could have built the task from the config
     out: Path = deployment["out"]
-    got = json.loads((out / "results.json").read_text())
-    expected = run_config(load_config(str(deployment["config"])), tmp_path / "inproc", log=lambda _m: None)
-    assert got["rounds"] == 2 and got["comm"] == expected["comm"]
-    assert set(got["clients"]) == set(expected["clients"]) == {"client00", "client01"}
-    for cid, metrics in expected["clients"].items():
-        for k, v in metrics.items():
-            assert got["clients"][cid][k] == pytest.approx(v, abs=1e-5, rel=1e-5), (cid, k)
+    got = assert_flower_equals_inprocess(deployment["root"] / "inproc", out)
+    assert got["rounds"] == 2 and set(got["clients"]) == {"client00", "client01"}
     flower = json.loads((out / "flower.json").read_text())
-    assert flower["hop_bytes"]["train_down"]["payload"] == got["comm"]["bytes_down"]
-    assert flower["hop_bytes"]["train_up"]["payload"] == got["comm"]["bytes_up"]
     assert len(set(flower["nodes"].values())) == 2
-    # each SuperNode kept its client's state in its own state-dir (from its --node-config)
+    # each SuperNode read its own client folder (from its --node-config) and kept its state in its own state-dir
+    data = deployment["root"] / "data"
+    lines = [line.split("\t") for line in deployment["split"].splitlines()]
+    assert [(p, c) for p, c, _ in lines] == [("0", "client00"), ("1", "client01")]
     for pid in range(2):
+        spec = json.loads((data / f"partition-{pid}" / "client.json").read_text())
+        assert spec["client"] == f"client{pid:02d}" and spec["partition-id"] == pid
         folder = out / "loopback" / f"node-state-{pid}" / flower["run_uid"] / f"partition-{pid}"
         assert (folder / "round-00002.safetensors").is_file(), folder
+    assert [p.name for p in out.rglob("*.jsonl")] == ["metrics.jsonl"]  # no example reached the server's side
     superlink_log = (out / "loopback" / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1:" in superlink_log  # TLS, loopback only
     assert superlink_log.count("RegisterNode] Created node_id") == 2  # the intruder's key was never registered
+
+
+def test_each_node_refuses_the_other_clients_data(deployment):
+    assert deployment["rc"] == 0, deployment["log"][-4000:]
+    record = json.loads((deployment["out"] / "isolation.json").read_text())
+    assert record["nodes"] == record["refused"] == 2
+    for holder, other in (("client00", "client01"), ("client01", "client00")):
+        check = record["clients"][holder]
+        assert check["asked_for"] == other and check["refused"]
+        assert f"holds the data of client '{holder}' only" in check["reason"]
+        assert f"refuses to train client '{other}'" in check["reason"]
 
 
 def test_unregistered_supernode_is_refused(deployment):

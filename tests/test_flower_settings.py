@@ -11,22 +11,17 @@ pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
-from fednl.engine.flower_codec import MessageBytes  # noqa: E402
-from fednl.engine.flower_protocol import (  # noqa: E402
+from fednl.config import FlowerResources  # noqa: E402
+from fednl.flower.codec import MessageBytes  # noqa: E402
+from fednl.flower.launch import RUN_CONFIG_KEYS, AppSettings, join_overrides, split_overrides  # noqa: E402
+from fednl.flower.protocol import (  # noqa: E402
     RUN,
     RunRecord,
     config_sha,
     config_to_json,
     node_identity,
 )
-from fednl.engine.flower_server import HopLedger  # noqa: E402
-from fednl.engine.flower_settings import (  # noqa: E402
-    RUN_CONFIG_KEYS,
-    AppSettings,
-    FlowerResources,
-    join_overrides,
-    split_overrides,
-)
+from fednl.flower.server import HopLedger  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,8 +52,8 @@ def test_run_config_errors_name_the_key():
 def test_deploy_pyproject_declares_exactly_the_keys_the_server_reads():
     data = tomllib.loads((REPO / "deploy" / "pyproject.toml").read_text())
     flwr = data["tool"]["flwr"]["app"]
-    assert flwr["components"] == {"serverapp": "fednl.engine.flower_app:serverapp",
-                                  "clientapp": "fednl.engine.flower_app:clientapp"}
+    assert flwr["components"] == {"serverapp": "fednl.flower.app:serverapp",
+                                  "clientapp": "fednl.flower.app:clientapp"}
     assert set(flwr["config"]) == set(RUN_CONFIG_KEYS)
     assert "torch" not in " ".join(data["project"]["dependencies"])  # runtime install would pull a CUDA torch
 

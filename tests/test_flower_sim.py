@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_tiny import tiny_config  # noqa: E402
+from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
@@ -61,7 +61,7 @@ def _stop(group: int, marker: str) -> list[int]:
 @pytest.mark.slow
 def test_flower_simulation_equals_inprocess(tmp_path):
     from fednl.config import load_config
-    from fednl.engine.experiment import run_config
+    from fednl.experiment import run_config
 
     config = tmp_path / "run.toml"
     config.write_text(CONFIG)
@@ -85,17 +85,11 @@ def test_flower_simulation_equals_inprocess(tmp_path):
     assert not survivors, f"processes left running: {survivors}"
     assert proc.returncode == 0, log[-4000:]
 
-    got = json.loads((out / "results.json").read_text())
-    expected = run_config(load_config(str(config)), tmp_path / "inproc", log=lambda _m: None)
-    assert got["comm"] == expected["comm"] and got["comm"]["bytes_up"] > 0
-    assert set(got["clients"]) == set(expected["clients"]) and len(got["clients"]) == 3
-    for cid, metrics in expected["clients"].items():
-        for k, v in metrics.items():
-            assert got["clients"][cid][k] == pytest.approx(v, abs=1e-5, rel=1e-5), (cid, k)
+    run_config(load_config(str(config)), tmp_path / "inproc", log=lambda _m: None)
+    got = assert_flower_equals_inprocess(tmp_path / "inproc", out)
+    assert got["comm"]["bytes_up"] > 0 and len(got["clients"]) == 3
 
     flower = json.loads((out / "flower.json").read_text())
-    assert flower["hop_bytes"]["train_down"]["payload"] == got["comm"]["bytes_down"]
-    assert flower["hop_bytes"]["train_up"]["payload"] == got["comm"]["bytes_up"]
     timing = flower["timing"]
     assert timing["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert timing["backend_config"]["init_args"]["num_cpus"] == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fednl.client.state import ClientState
-from fednl.engine.flower_store import NodeStateStore
+from fednl.flower.node import NodeStateStore
 
 
 def state(cid: str, value: float, rnd: int) -> ClientState:

@@ -1,9 +1,10 @@
 """Every registered strategy runs through the Flower adapter and ends exactly where the in-process simulator does.
 
-The Flower path is the real ServerApp/ClientApp code on an in-process Grid (``fednl.engine.flower_local``): every
-message goes through Flower's object serialisation, every node rebuilds its client from the config it receives
-and keeps its state on disk. Compared: per-client metrics, the byte ledger (per round and parameter group), and
-the hop bytes (payload of every message) against the ledger.
+The Flower path is the real ServerApp/ClientApp code on an in-process Grid (``fednl.flower.launch.LocalGrid``):
+every message goes through Flower's object serialisation, every node rebuilds its model from the config it
+receives, serves its partition and keeps its client state on disk. Compared bit for bit
+(:func:`flower_tiny.assert_flower_equals_inprocess`): results, every metrics record, the final global and server
+tensors, and the hop bytes (payload of every message) against the ledger.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ pytest.importorskip("flwr")
 from flwr.app import MessageType  # noqa: E402
 
 from fednl.config import load_config  # noqa: E402
-from fednl.engine.experiment import run_config  # noqa: E402
-from fednl.engine.flower_codec import decode_payload  # noqa: E402
-from fednl.engine.flower_local import run_local  # noqa: E402
-from fednl.engine.flower_protocol import RunRecord  # noqa: E402
-from fednl.engine.flower_settings import AppSettings  # noqa: E402
+from fednl.experiment import run_config  # noqa: E402
+from fednl.flower.codec import decode_payload  # noqa: E402
+from fednl.flower.launch import AppSettings, run_local  # noqa: E402
+from fednl.flower.protocol import RunRecord  # noqa: E402
 from fednl.strategies import available  # noqa: E402
-from flower_tiny import tiny_config  # noqa: E402
+from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
 
 CONFIG = tiny_config(seed=5, rounds=1, method="fedavg")
 N = 2
@@ -55,27 +55,13 @@ def test_every_registered_strategy_is_covered():
 
 
 def check_parity(config_path: Path, tmp_path: Path, overrides: list[str], *, shares: bool = True) -> tuple[dict, list]:
-    """Run both engines; assert equal metrics, ledgers and hop payloads; return (results, train messages).
+    """Run both engines and :func:`assert_flower_equals_inprocess`; return (results, train messages).
     ``shares=False``: the strategy sends no parameter (local-only training), so the ledger must be empty."""
     expected = run_config(load_config(str(config_path), overrides), tmp_path / "inproc", log=silent)
-    got, grid = run_local(AppSettings(config=str(config_path), overrides=overrides, out=str(tmp_path / "flower"),
-                                      wait_nodes_s=5), N)
-
-    # same per-client metrics and the same ledger (bytes per round, direction and parameter group)
-    assert got["comm"] == expected["comm"] and (expected["comm"]["bytes_up"] > 0) == shares
-    assert set(got["clients"]) == set(expected["clients"]) and expected["clients"]
-    for cid, metrics in expected["clients"].items():
-        for k, v in metrics.items():
-            assert got["clients"][cid][k] == pytest.approx(v, rel=1e-6, abs=1e-6), (cid, k)
-
-    # the hop carried exactly the ledger's payload bytes, message by message summed per round and direction
-    record = json.loads((tmp_path / "flower" / "flower.json").read_text())
-    for per in expected["comm"]["per_round"]:
-        rows = [h for h in record["hop"] if h["round"] == per["round"] and h["kind"] == "train"]
-        assert sum(h["payload"] for h in rows if h["direction"] == "down") == per["bytes_down"]
-        assert sum(h["payload"] for h in rows if h["direction"] == "up") == per["bytes_up"]
-    assert all(h["overhead"] > 0 for h in record["hop"])
-
+    _, grid = run_local(AppSettings(config=str(config_path), overrides=overrides, out=str(tmp_path / "flower"),
+                                    wait_nodes_s=5), N)
+    assert_flower_equals_inprocess(tmp_path / "inproc", tmp_path / "flower")
+    assert (expected["comm"]["bytes_up"] > 0) == shares
     trains = [m for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]
     return expected, trains
 

@@ -14,16 +14,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fednl"
 
-# Edges that belong to the Flower/executor work running in parallel (issue 14, part A): the Flower adapter still
-# lives in ``fednl/engine`` (moving to ``fednl/flower``, which may import the config and the experiment), the old
-# ``fednl.engine.experiment`` path is kept for it, and the round loop's in-process clients still evaluate with
-# ``fednl.eval.metrics``. Each entry is (importing module prefix, imported top-level); remove them when that work
-# lands.
+# The round loop's in-process clients (``fednl.engine.clients``) evaluate with ``fednl.eval.metrics`` while
+# ``fednl.eval.protocol`` / ``fednl.eval.memory`` (post-hoc evaluation of a finished run) rebuild runs with the
+# engine: the one edge left until the run-level evaluation leaves ``eval`` (or the scoring primitives move below
+# the engine). Each entry is (importing module prefix, imported top-level).
 PENDING: tuple[tuple[str, str], ...] = (
-    ("fednl.engine.flower_", "config"),
-    ("fednl.engine.flower_", "experiment"),
-    ("fednl.engine.experiment", "experiment"),
-    ("fednl.engine.", "eval"),
+    ("fednl.engine.clients", "eval"),
 )
 
 

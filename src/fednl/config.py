@@ -44,7 +44,6 @@ from fednl.data.build import TASK_NAMES, TaskConfig
 from fednl.util.atomic import atomic_write_text
 from fednl.engine.codecs import WireSpec
 from fednl.engine.dp import DPConfig
-from fednl.engine.flower_settings import FlowerResources
 from fednl.engine.guard import composition_errors
 from fednl.engine.robust import RobustConfig
 from fednl.engine.screening import ScreenConfig
@@ -147,6 +146,28 @@ class TrainConfig(BaseModel):
         if self.objective == "two_stage":
             return "attention_transfer" if rnd <= self.stage1_rounds else "lm"
         return self.objective
+
+
+class FlowerResources(BaseModel):
+    """``[flower]``: Ray resources of ``fednl flower simulate``: per ClientApp (``num_cpus``/``num_gpus``,
+    fractions allowed) and for the whole Ray instance (``ray_num_cpus``/``ray_num_gpus``, default: what the
+    machine has)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    ray_num_cpus: int | None = Field(None, ge=1)
+    ray_num_gpus: int | None = Field(None, ge=0)
+
+    def backend_config(self) -> dict[str, Any]:
+        """The ``backend_config`` of :func:`flwr.simulation.run_simulation`."""
+        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if self.ray_num_cpus is not None:
+            init["num_cpus"] = self.ray_num_cpus
+        if self.ray_num_gpus is not None:
+            init["num_gpus"] = self.ray_num_gpus
+        return {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}, "init_args": init}
 
 
 class EngineConfig(BaseModel):
@@ -314,12 +335,14 @@ def _join(a: str, b: str) -> str:
     return a + b if b.startswith("[") else f"{a}.{b}"
 
 
-def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a plain dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the bad keys."""
+def validate_config(data: dict[str, Any], *, source: str = "config", local_paths: bool = True) -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the bad keys.
+    ``local_paths=False``: the task's data paths belong to another machine (a Flower ServerApp or SuperNode reads
+    none of them), so they are not checked here."""
     if isinstance(data.get("method"), list):
         raise ConfigError(f"{source}: 'method' lists several methods; use load_runs() or --set method=NAME")
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"local_paths": local_paths})
     except ValidationError as exc:
         raise ConfigError(f"invalid config {source}:\n{_format_validation(exc)}") from None
 
@@ -438,8 +461,9 @@ def _override_method(data: dict[str, Any], rest: list[str], value: Any, key: str
     method[opt] = value
 
 
-def load_runs(source: str, overrides: Sequence[str] = ()) -> list[RunConfig]:
-    """Load a config file or preset, apply ``--set`` overrides and validate: one RunConfig per method."""
+def load_runs(source: str, overrides: Sequence[str] = (), *, local_paths: bool = True) -> list[RunConfig]:
+    """Load a config file or preset, apply ``--set`` overrides and validate: one RunConfig per method
+    (``local_paths``: see :func:`validate_config`)."""
     data, label = read_source(source)
     data = copy.deepcopy(data)
     for assignment in overrides:
@@ -452,16 +476,16 @@ def load_runs(source: str, overrides: Sequence[str] = ()) -> list[RunConfig]:
         for i, m in enumerate(methods):
             one = {**data, "method": m}
             try:
-                runs.append(RunConfig.model_validate(one))
+                runs.append(RunConfig.model_validate(one, context={"local_paths": local_paths}))
             except ValidationError as exc:
                 raise ConfigError(f"invalid config {label} (method [{i}]):\n{_format_validation(exc)}") from None
         return runs
-    return [validate_config(data, source=label)]
+    return [validate_config(data, source=label, local_paths=local_paths)]
 
 
-def load_config(source: str, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(source: str, overrides: Sequence[str] = (), *, local_paths: bool = True) -> RunConfig:
     """Like :func:`load_runs` for a config that describes exactly one method."""
-    runs = load_runs(source, overrides)
+    runs = load_runs(source, overrides, local_paths=local_paths)
     if len(runs) != 1:
         names = [r.method.name for r in runs]
         raise ConfigError(f"{source}: describes {len(runs)} runs ({names}); pick one with --set method=NAME")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,19 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Simulator:
-    """Build the model the strategy asks for (one instance, shared by every client), the task and the strategy."""
+@dataclass
+class RunParts:
+    """A run without its clients: the model the strategy asks for (one instance), its tokenizer, the strategy
+    and the run spec. The in-process simulator adds the task; a Flower ServerApp or SuperNode needs no task."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    strategy: Any
+    spec: RunSpec
+
+
+def build_parts(cfg: RunConfig, out: str | Path) -> RunParts:
+    """Build the model, tokenizer, strategy and run spec of ``cfg`` (no data)."""
     from fednl.models.build import build_model
     from fednl.models.groups import param_groups
     from fednl.models.loading import load_backbone
@@ -49,11 +61,17 @@ def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Sim
         hf_config.use_cache = False  # training/eval never reuse a KV cache
     model.to(resolve_device(cfg.engine.device))
     strategy = cfg.method.build(groups=param_groups(model))
-    task = cfg.task.build(tokenizer, cfg.seed)
     spec = RunSpec(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
                    method=cfg.method.name, model_name=f"{cfg.model.source}/{model_spec.label}", config=cfg.to_dict(),
                    server_opt=cfg.server_opt)
-    return Simulator(model, tokenizer, task, strategy, spec, log=log)
+    return RunParts(model, tokenizer, strategy, spec)
+
+
+def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Simulator:
+    """Build the model the strategy asks for (one instance, shared by every client), the task and the strategy."""
+    parts = build_parts(cfg, out)
+    task = cfg.task.build(parts.tokenizer, cfg.seed)
+    return Simulator(parts.model, parts.tokenizer, task, parts.strategy, parts.spec, log=log)
 
 
 def run_config(cfg: RunConfig, out: str | Path, *, resume: bool = False, log: Log = print) -> dict[str, Any]:

@@ -26,16 +26,15 @@ def simulate_cmd(
     ray_num_gpus: int | None = typer.Option(None, help="GPUs of the Ray instance (default: flower.ray_num_gpus)"),
     verbose: bool = typer.Option(False, help="Flower's verbose logging"),
 ) -> None:
-    """Run CONFIG on Flower's Simulation Runtime (Ray): one virtual SuperNode per client.
+    """Run CONFIG on Flower's Simulation Runtime (Ray): one virtual SuperNode per client (held-out ones too).
 
     Ray resources per ClientApp come from the config's [flower] table (num_cpus, num_gpus, ray_num_cpus,
     ray_num_gpus); the options below override it.
     """
     with user_errors():
         from fednl.experiment import format_results, holds_run, load_resolved
-        from fednl.engine.flower_server import FLOWER_JSON, clear_flower_outputs
-        from fednl.engine.flower_settings import AppSettings
-        from fednl.engine.flower_sim import simulate
+        from fednl.flower.launch import AppSettings, simulate
+        from fednl.flower.server import FLOWER_JSON, clear_flower_outputs
 
         if resume is not None:
             if out is not None and out.resolve() != resume.resolve():
@@ -61,12 +60,31 @@ def clients_cmd(
     config: str = typer.Argument(..., help="fednl TOML config or preset name"),
     set_: list[str] = typer.Option([], "--set", help="override key=value (repeatable)"),
 ) -> None:
-    """Print the number of clients of CONFIG: the SuperNodes a deployment needs (partition-id 0..N-1)."""
+    """Print the number of SuperNodes CONFIG needs (partition-id 0..N-1): its training clients, then its held-out
+    clients."""
     with user_errors():
-        from fednl.engine.flower_settings import AppSettings
-        from fednl.engine.flower_sim import count_clients
+        from fednl.flower.launch import AppSettings, count_nodes
 
-        typer.echo(count_clients(AppSettings(config=config, overrides=list(set_), out=".")))
+        typer.echo(count_nodes(AppSettings(config=config, overrides=list(set_), out=".")))
+
+
+@flower_app.command("split-data")
+def split_data_cmd(
+    config: str = typer.Argument(..., help="fednl TOML config or preset name"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for one client folder per SuperNode"),
+    set_: list[str] = typer.Option([], "--set", help="override key=value (repeatable)"),
+) -> None:
+    """Build CONFIG's task here and write each client's examples to OUT/partition-<i> (client.json, train.jsonl,
+    test.jsonl): the data-dir of SuperNode i. Prints one line per partition: id, client, folder."""
+    with user_errors():
+        from fednl.flower.data import split_task
+        from fednl.flower.launch import AppSettings, build_task
+
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty; pick a new folder")
+        task = build_task(AppSettings(config=config, overrides=list(set_), out="."))
+        for pid, client, folder in split_task(task, out):
+            typer.echo(f"{pid}\t{client}\t{folder}")
 
 
 @flower_app.command("run-config")
@@ -79,7 +97,7 @@ def run_config_cmd(
 ) -> None:
     """Print the TOML override file for `flwr run deploy <connection> --run-config FILE`."""
     with user_errors():
-        from fednl.engine.flower_settings import AppSettings
+        from fednl.flower.launch import AppSettings
 
         settings = AppSettings(config=config, overrides=list(set_), out=out, resume=resume,
                                state_dir=state_dir or None)

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:
     from fednl.data.tasks.base import NaturalTask
@@ -91,8 +91,9 @@ class TaskConfigBase(BaseModel, ABC):
 
     @field_validator("data_dir", "haystack_dir", "path", mode="after", check_fields=False)
     @classmethod
-    def _path_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not Path(value).expanduser().exists():
+    def _path_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        local = (info.context or {}).get("local_paths", True)  # False: the data is on other machines
+        if value is not None and local and not Path(value).expanduser().exists():
             raise ValueError(f"path does not exist: {value}")
         return None if value is None else Path(value).expanduser()
 

@@ -9,7 +9,7 @@ Consequences:
 * ``len(array.data) == numel * itemsize``, so the payload bytes of a message equal the in-process ledger's
   ``sum(numel * itemsize)`` exactly, and ``ArrayRecord.count_bytes()`` is that plus the key lengths.
 
-The byte terms used throughout the Flower engine (see ``docs/FLOWER.md``):
+The byte terms used throughout the Flower adapter (see ``docs/FLOWER.md``):
 
 ``payload``  Σ numel × itemsize of the tensors of one message (what the in-process ledger counts);
 ``overhead`` everything else fednl puts in the message's records: the ``ArrayRecord`` key bytes plus the
