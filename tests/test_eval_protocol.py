@@ -109,11 +109,12 @@ def test_depth_grouping_and_pooling() -> None:
 
 def test_summarise_and_drop_sign() -> None:
     s = summarise({"a": {"accuracy": 0.5}, "b": {"accuracy": 1.0}, "c": {"accuracy": 0.0}}, "accuracy")
-    assert s["mean"] == pytest.approx(0.5) and s["worst"] == 0.0 and s["worst_client"] == "c"
-    assert s["std"] == pytest.approx(math.sqrt(1 / 6))
+    assert s.mean == pytest.approx(0.5) and s.worst == 0.0 and s.worst_client == "c" and s.n_clients == 3
+    assert s.std == pytest.approx(math.sqrt(1 / 6))
     ce = summarise({"a": {"ce": 2.0}, "b": {"ce": 3.0}}, "ce")
-    assert ce["worst_client"] == "b" and ce["std"] == pytest.approx(0.5)
-    assert summarise({}, "ce")["mean"] is None
+    assert ce.worst_client == "b" and ce.std == pytest.approx(0.5)
+    assert summarise({}, "ce").to_json() == {"metric": "ce", "mean": None, "worst": None, "worst_client": None,
+                                             "std": None, "n_clients": 0}
     assert aggregation_drop(0.75, 0.5, "accuracy") == 0.25  # aggregation lost 0.25 accuracy
     assert aggregation_drop(2.0, 2.5, "ce") == 0.5  # aggregation raised CE by 0.5
 
@@ -209,7 +210,7 @@ def test_aggregation_round_reproduces_the_simulator(runs) -> None:
 def test_stream_run_has_position_bins(tmp_path) -> None:
     run = _run(tmp_path, "stream", ["rounds=1", "task={name='stream', quickstart=true, max_train=2, max_test=1}",
                                     "train.seq_len=256"])
-    rec = evaluate_run(run, aggregation=False)
+    rec = evaluate_run(run, aggregation=False).to_json()
     pooled = rec["position"]["personalised"]["pooled"]
     assert pooled["bin_start"][:2] == [0, 64] and pooled["relative"][0] == 0.0
     assert rec["metric"] == "ce" and rec["aggregation_drop"]["clients"] == {}
@@ -231,7 +232,7 @@ def test_global_view_reuses_personalised_when_installs_are_identical(tmp_path, m
     original = Simulator.evaluate_client
     monkeypatch.setattr(Simulator, "evaluate_client",
                         lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
-    rec = evaluate_run(run, aggregation=False)
+    rec = evaluate_run(run, aggregation=False).to_json()
     assert calls == []  # no separate global pass (and no held-out clients here)
     assert rec["views"]["global"]["clients"] == rec["views"]["personalised"]["clients"]
 

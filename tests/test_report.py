@@ -101,7 +101,13 @@ def test_corrupted_metrics_line_names_file_and_line(runs, tmp_path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"{d / 'metrics.jsonl'}:2: corrupted metrics line")):
         build_report([d])
     (d / "metrics.jsonl").write_text('{"type": "round", "round": 1}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:1: round record lacks \['bytes_up', 'bytes_down'\]"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: round record lacks \[.*'bytes_up', 'bytes_down'"):
+        read_metrics(d / "metrics.jsonl")
+    (d / "metrics.jsonl").write_text('{"type": "eval", "round": "one", "client": "a"}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: round: Input should be a valid integer"):
+        read_metrics(d / "metrics.jsonl")
+    (d / "metrics.jsonl").write_text('{"type": "nope"}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected an object with type 'round', 'eval' or 'stop'"):
         read_metrics(d / "metrics.jsonl")
 
 
@@ -110,6 +116,9 @@ def test_bad_results_and_bench(runs, tmp_path) -> None:
     shutil.copytree(runs["fedavg"], d)
     (d / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="results.json: not valid JSON"):
+        build_report([d])
+    (d / "results.json").write_text('{"method": "fedavg", "task": "niah7"}')
+    with pytest.raises(ValueError, match=r"results.json: results lacks \['clients', 'mean', 'comm', 'wall_s'\]"):
         build_report([d])
     bad = tmp_path / "bench.json"
     bad.write_text('{"model": "converted"}')

@@ -9,6 +9,17 @@ from typer.testing import CliRunner
 
 from fednl.cli import app
 from fednl.config import load_config
+from fednl.records import (
+    AggregationDrop,
+    Comm,
+    DepthCell,
+    DepthView,
+    EvalReport,
+    PooledCurve,
+    PositionCurve,
+    PositionView,
+    Results,
+)
 from fednl.reproduce import ABLATIONS, PAPER_BASELINES, build_plan, job_commands, shell_line, write_tables
 
 
@@ -118,15 +129,28 @@ def test_shell_line_quotes() -> None:
         "fednl run x --set 'task={name='\"'\"'stream'\"'\"'}'"
 
 
+def results(seed: int, clients: dict[str, dict[str, float]], metric: str) -> Results:
+    """A hand-made results record (no traffic)."""
+    return Results(method="fednl", task="niah7", seed=seed, clients=clients,
+                   mean={metric: sum(m[metric] for m in clients.values()) / len(clients)},
+                   comm=Comm(bytes_up=0, bytes_down=0, per_round=[], by_group={}), wall_s=1.0)
+
+
 def test_curve_table_hand_computed(tmp_path) -> None:
     from fednl.report.load import RunRecord
     from fednl.report.seeds import curve_table
 
     def run(seed: int, acc: dict[str, float], rel: list[float]) -> RunRecord:
-        res = {"method": "fednl", "task": "niah7", "seed": seed, "mean": {"accuracy": sum(acc.values()) / 2},
-               "clients": {c: {"accuracy": a, "n": 4.0} for c, a in acc.items()}, "comm": {}, "wall_s": 1.0}
-        ev = {"position": {"personalised": {"pooled": {"bin_start": [0, 64], "relative": rel}}},
-              "depth": {"personalised": {"pooled": {"0.10": {"accuracy": acc["a"], "n": 4.0}}}}}
+        res = results(seed, {c: {"accuracy": a, "n": 4.0} for c, a in acc.items()}, "accuracy")
+        curve = PositionCurve(bin_size=64, bin_start=[0, 64], ce=[1.0, 1.0 + rel[1]], relative=rel, tokens=128, n=1,
+                              ce_mean=1.0)
+        cell = DepthCell(accuracy=acc["a"], n=4.0)
+        ev = EvalReport(run_dir="r", method="fednl", model="tiny/titans", task="niah7", task_kind="mc", rounds=1,
+                        seed=seed, metric="accuracy", higher_is_better=True, titans=True, views={},
+                        aggregation_drop=AggregationDrop(round=2, clients={}, summary=None),
+                        depth={"personalised": DepthView(clients={"a": {"0.10": cell}}, pooled={"0.10": cell})},
+                        position={"personalised": PositionView(clients={"a": curve}, pooled=PooledCurve(
+                            bin_start=[0, 64], ce=[1.0, 1.0 + rel[1]], relative=rel))}, wall_s=0.0)
         return RunRecord(tmp_path / f"s{seed}", res, evaluation=ev)
 
     runs = [run(0, {"a": 0.25, "b": 0.5}, [0.0, -0.1]), run(1, {"a": 0.75, "b": 0.5}, [0.0, 0.1])]
@@ -149,9 +173,8 @@ def test_paper_table_units(tmp_path) -> None:
     from fednl.reproduce import paper_table
 
     def run(seed: int, metric: str, vals: list[float]) -> RunRecord:
-        clients = {f"c{i}": {metric: v, "n": 1.0} for i, v in enumerate(vals)}
-        return RunRecord(tmp_path / f"s{seed}", {"method": "fednl", "task": "t", "seed": seed, "clients": clients,
-                                                 "mean": {metric: sum(vals) / len(vals)}, "comm": {}, "wall_s": 1.0})
+        return RunRecord(tmp_path / f"s{seed}", results(seed, {f"c{i}": {metric: v, "n": 1.0} for i, v in enumerate(vals)},
+                                                        metric))
 
     # perplexity = exp(client-mean CE) per run: exp(1) and exp(2) -> mean 5.0537, sample std 3.3028
     g = [{"method": "fednl", "variant": "hebbian", "runs": [run(0, "ce", [0.5, 1.5]), run(1, "ce", [2.0, 2.0])]}]
@@ -198,8 +221,9 @@ def test_memory_table_from_evaluations(tmp_path) -> None:
         pooled.update(gain_inside=0.0, gain_beyond=0.2 + 0.1 * k, carried=0.2 + 0.1 * k,
                       gap_closed=(0.2 + 0.1 * k) / 0.4)
         (d / j.eval_file()).write_text(json.dumps({"pooled": pooled}))
-        (d / "results.json").write_text(json.dumps({"rounds": 2, "wall_s": 10.0 + k,
-                                                    "comm": {"bytes_up": 100, "bytes_down": 300}}))
+        comm = Comm(bytes_up=100, bytes_down=300, per_round=[], by_group={})
+        Results(method="fednl", task="stream", rounds=2, clients={}, mean={}, comm=comm, wall_s=10.0 + k).write(
+            d / "results.json")
     table = memory_table(jobs, tmp_path)
     row = next(line for line in table.splitlines() if line.startswith("| fednl |"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -63,7 +63,8 @@ def build_parts(cfg: RunConfig, out: str | Path) -> RunParts:
     strategy = cfg.method.build(groups=param_groups(model))
     spec = RunSpec(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
                    method=cfg.method.name, model_name=f"{cfg.model.source}/{model_spec.label}", config=cfg.to_dict(),
-                   server_opt=cfg.server_opt)
+                   run_config=cfg,
+                   server_opt=cfg.server_opt, screen=cfg.screen, robust=cfg.robust, dp=cfg.dp)
     return RunParts(model, tokenizer, strategy, spec)
 
 

@@ -301,6 +301,7 @@ def memory_table(jobs: Sequence[Job], root: Path) -> str:
     the four conditions of :mod:`fednl.eval.memory`, the memory's gains and the bytes per round."""
     import json
 
+    from fednl.records import Results
     from fednl.report.seeds import mean_std
 
     rows: dict[str, list[dict]] = {}
@@ -310,15 +311,15 @@ def memory_table(jobs: Sequence[Job], root: Path) -> str:
         res = j.run_dir(root) / "results.json"
         if not (path.is_file() and res.is_file()):
             continue
-        ev, rs = json.loads(path.read_text()), json.loads(res.read_text())
-        rounds = max(1, int(rs.get("rounds", 1)))
+        ev, rs = json.loads(path.read_text()), Results.load(res)
+        rounds = max(1, rs.rounds)
         p = ev["pooled"]
         start = p["ranges"][-1][0]
         rows.setdefault(j.name.rsplit("-s", 1)[0], []).append({
             **{c: p[c]["ranges"][-1]["ce"] for c in ("memory", "zeroed", "window", "full")},
             "inside": p["memory"]["ranges"][0]["ce"] - p["window"]["ranges"][0]["ce"],
             "gain": p["gain_beyond"], "carried": p["carried"], "closed": 100.0 * p["gap_closed"],
-            "bytes": (rs["comm"]["bytes_up"] + rs["comm"]["bytes_down"]) / rounds, "wall": rs["wall_s"]})
+            "bytes": rs.comm.total / rounds, "wall": rs.wall_s})
     if not rows:
         return "No memory evaluation has finished.\n"
     cols = [("memory", "memory", 4), ("zeroed", "zeroed twin", 4), ("window", "window + sinks", 4),
@@ -342,7 +343,7 @@ def paper_table(experiment: str, groups: list[dict]) -> str:
     in % of the client-mean accuracy, or perplexity ``exp(client-mean CE)`` per run."""
     import math
 
-    from fednl.report.html import results_rows
+    from fednl.report.rows import results_rows
     from fednl.report.seeds import mean_std
 
     unit = PAPER_UNIT[experiment]

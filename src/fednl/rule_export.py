@@ -9,19 +9,12 @@ metrics (``results.json``) and, when ``fednl evaluate`` has run, each view's mea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+from fednl.records import EVAL_NAME, RESULTS_NAME, EvalReport, Results
 
 
 def run_provenance(run_dir: Path, cfg: Any, rounds: int) -> dict[str, Any]:
@@ -29,13 +22,11 @@ def run_provenance(run_dir: Path, cfg: Any, rounds: int) -> dict[str, Any]:
     prov: dict[str, Any] = {"run": run_dir.resolve().name, "method": cfg.method.name,
                             "options": cfg.method.options.model_dump(mode="json"), "rounds": int(rounds),
                             "seed": int(cfg.seed), "task": cfg.task.name}
-    results = _read_json(run_dir / "results.json")
-    if results is not None and isinstance(results.get("mean"), dict):
-        prov["results"] = results["mean"]
-    ev = _read_json(run_dir / "eval.json")
-    if ev is not None and isinstance(ev.get("views"), dict):
-        prov["eval"] = {"metric": ev.get("metric"),
-                        **{v: (rec.get("summary") or {}).get("mean") for v, rec in ev["views"].items()}}
+    if (run_dir / RESULTS_NAME).is_file():
+        prov["results"] = Results.load(run_dir / RESULTS_NAME).mean
+    if (run_dir / EVAL_NAME).is_file():
+        ev = EvalReport.load(run_dir / EVAL_NAME)
+        prov["eval"] = {"metric": ev.metric, **{v: ev.view_mean(v) for v in ev.views}}
     return prov
 
 

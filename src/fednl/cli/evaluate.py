@@ -39,8 +39,9 @@ def memory_eval(
     """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
     import json
 
-    from fednl.util.atomic import atomic_write_text
     from fednl.eval.memory import run_memory_views
+    from fednl.records import RESULTS_NAME, Results
+    from fednl.util.atomic import atomic_write_text
 
     with user_errors():
         res = run_memory_views(run_dir, clients=clients, max_examples=max_examples, cache=cache,
@@ -52,11 +53,10 @@ def memory_eval(
             f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "wider", "more_sinks", "window", "full") if c in p))
         typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
                    f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
-        results = Path(run_dir) / "results.json"
+        results = Path(run_dir) / RESULTS_NAME
         if results.is_file():
-            rs = json.loads(results.read_text())
-            comm, rounds = rs["comm"], max(1, int(rs.get("rounds", 1)))
-            total = int(comm["bytes_up"]) + int(comm["bytes_down"])
+            rs = Results.load(results)
+            rounds, total = max(1, rs.rounds), rs.comm.total
             typer.echo(f"traffic: {total:,} bytes in {rounds} rounds ({total // rounds:,} per round, both directions)")
         typer.echo(f"wrote {path}")
 

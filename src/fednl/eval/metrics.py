@@ -13,6 +13,7 @@ prefixes on the clashing metric names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,10 +22,10 @@ import torch
 from fednl.client.batching import IGNORE, Encoded, Tokenizer, collate, encode_cached
 from fednl.client.trainer import model_device, selected_logits
 from fednl.eval.scoring import McScore, mc_metrics, score_mc, token_ce
-from fednl.records import HIGHER_IS_BETTER, PRIMARY_METRIC
+from fednl.records import HIGHER_IS_BETTER, PRIMARY_METRIC, Summary
 
-__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "eval_mc", "eval_qa", "eval_seq_len", "eval_text",
-           "evaluate_examples", "greedy_decode"]
+__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "aggregation_drop", "eval_mc", "eval_qa", "eval_seq_len",
+           "eval_text", "evaluate_examples", "greedy_decode", "summarise"]
 
 
 def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
@@ -150,3 +151,22 @@ def evaluate_examples(
 def eval_seq_len(spec: Any) -> int:
     """Tokens per evaluated sequence of a run spec: ``engine.eval_seq_len``, else ``train.seq_len``."""
     return int(getattr(spec.engine, "eval_seq_len", None) or spec.train.seq_len)
+
+
+def summarise(per_client: dict[str, dict[str, float]], metric: str, *, higher_is_better: bool | None = None) -> Summary:
+    """Mean, worst client (min, or max for lower-is-better metrics) and population std of ``metric``."""
+    vals = {c: float(m[metric]) for c, m in per_client.items() if metric in m}
+    if not vals:
+        return Summary(metric=metric, mean=None, worst=None, worst_client=None, std=None, n_clients=0)
+    mean = sum(vals.values()) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals.values()) / len(vals))
+    hib = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
+    pick = min if hib else max
+    worst_client = pick(vals, key=lambda c: vals[c])
+    return Summary(metric=metric, mean=mean, worst=vals[worst_client], worst_client=worst_client, std=std,
+                   n_clients=len(vals))
+
+
+def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
+    """``local - aggregated`` signed so that positive = aggregation hurt (``aggregated - local`` for CE)."""
+    return (local - aggregated) if HIGHER_IS_BETTER.get(metric, True) else (aggregated - local)

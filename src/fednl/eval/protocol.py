@@ -34,7 +34,6 @@ a ``bin_size`` (NIAH-7: the prompt read as a stream, as in the paper's Fig. 5). 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,36 +42,31 @@ from typing import Any
 import torch
 
 from fednl.client.state import ClientState
-from fednl.util.atomic import atomic_write_json
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_table, evaluate_with_depths, merge_depths
-from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, eval_seq_len, evaluate_examples
+from fednl.eval.metrics import (
+    HIGHER_IS_BETTER,
+    PRIMARY_METRIC,
+    aggregation_drop,
+    eval_seq_len,
+    evaluate_examples,
+    summarise,
+)
 from fednl.eval.position import ce_by_position
 from fednl.eval.scoring import McScore, mc_metrics
 from fednl.models.titans import set_gate_override, set_memory_zero, titans_layers
-
-EVAL_NAME = "eval.json"
-
-
-def summarise(per_client: dict[str, dict[str, float]], metric: str, *,
-              higher_is_better: bool | None = None) -> dict[str, Any]:
-    """Mean, worst client (min, or max for lower-is-better metrics) and population std of ``metric``."""
-    vals = {c: float(m[metric]) for c, m in per_client.items() if metric in m}
-    if not vals:
-        return {"metric": metric, "mean": None, "worst": None, "worst_client": None, "std": None, "n_clients": 0}
-    mean = sum(vals.values()) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals.values()) / len(vals))
-    hib = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
-    pick = min if hib else max
-    worst_client = pick(vals, key=lambda c: vals[c])
-    return {"metric": metric, "mean": mean, "worst": vals[worst_client], "worst_client": worst_client,
-            "std": std, "n_clients": len(vals)}
-
-
-def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
-    """Signed so that positive = aggregation hurt (see the module docstring)."""
-    return (local - aggregated) if HIGHER_IS_BETTER.get(metric, True) else (aggregated - local)
+from fednl.records import (
+    EVAL_NAME,
+    AggregationDrop,
+    DepthView,
+    Drop,
+    EvalReport,
+    PooledCurve,
+    PositionCurve,
+    PositionView,
+    View,
+)
 
 
 def _is_titans(sim: Simulator) -> bool:
@@ -146,7 +140,8 @@ def _local_round(sim: Simulator, state: RunState, cid: str) -> dict[str, float]:
 def _positions(sim: Simulator, examples: list[Any]) -> dict[str, Any] | None:
     """CE by position bin when the task has a ``bin_size``: over text documents, or over the prompts of
     question examples read as a stream (NIAH: the haystack as the prompt unfolds, paper Fig. 5)."""
-    bin_size = sim.spec.config.get("task", {}).get("bin_size")
+    cfg = sim.spec.run_config
+    bin_size = getattr(cfg.task, "bin_size", None) if cfg is not None else None
     if bin_size is None or not examples:
         return None
     return ce_by_position(sim.model, sim.tokenizer, examples, seq_len=eval_seq_len(sim.spec),
@@ -177,8 +172,8 @@ def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[s
     return metrics, d, p
 
 
-def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = print) -> dict[str, Any]:
-    """The full protocol on ``run_dir``; returns the record written to ``eval.json``. Uses the run's
+def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = print) -> EvalReport:
+    """The full protocol on ``run_dir``; returns the report written to ``eval.json``. Uses the run's
     ``engine.threads`` like ``fednl run`` does."""
     threads = torch.get_num_threads()
     try:
@@ -187,7 +182,7 @@ def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = pr
         torch.set_num_threads(threads)
 
 
-def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[str, Any]:
+def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> EvalReport:
     t0 = time.perf_counter()
     sim, state = load_run(run_dir, log=log)
     if sim.spec.engine.threads:
@@ -215,34 +210,31 @@ def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> dict[s
                                 else sim.evaluate_client(cid, test, state, ClientState(cid)))
     views["heldout"] = sim.evaluate_heldout(state)
 
-    agg: dict[str, Any] = {}
+    agg: dict[str, Drop] = {}
     if aggregation:
         for cid in tested:
             if not sim.data[cid].train:
                 continue
             local = _local_round(sim, state, cid)
             after = views["personalised"][cid]
-            agg[cid] = {"local": local[metric], "aggregated": after[metric], "delta": local[metric] - after[metric],
-                        "drop": aggregation_drop(local[metric], after[metric], metric),
-                        "local_train_loss": local["train_loss"]}
-    record: dict[str, Any] = {
-        "run_dir": str(Path(run_dir)), "method": sim.spec.method, "model": sim.spec.model_name, "task": sim.task.name,
-        "task_kind": sim.task.kind, "rounds": state.round, "seed": sim.spec.seed, "metric": metric,
-        "higher_is_better": HIGHER_IS_BETTER.get(metric, True), "titans": titans,
-        "views": {v: {"clients": per, "summary": summarise(per, metric)} for v, per in views.items()},
-        "aggregation_drop": {"round": state.round + 1, "clients": agg,
-                             "summary": summarise({c: {"drop": a["drop"]} for c, a in agg.items()}, "drop",
-                                        higher_is_better=False)
-                             if agg else None},
-        "depth": {v: {"clients": per, "pooled": merge_depths(per.values())} for v, per in depth.items() if per},
-        "position": {v: {"clients": per, "pooled": _pool_positions(per)} for v, per in position.items() if per},
-        "wall_s": 0.0,
-    }
-    record["wall_s"] = round(time.perf_counter() - t0, 3)
-    return record
+            agg[cid] = Drop(local=local[metric], aggregated=after[metric], delta=local[metric] - after[metric],
+                            drop=aggregation_drop(local[metric], after[metric], metric),
+                            local_train_loss=local["train_loss"])
+    drops = summarise({c: {"drop": a.drop} for c, a in agg.items()}, "drop", higher_is_better=False) if agg else None
+    return EvalReport(
+        run_dir=str(Path(run_dir)), method=sim.spec.method, model=sim.spec.model_name, task=sim.task.name,
+        task_kind=sim.task.kind, rounds=state.round, seed=sim.spec.seed, metric=metric,
+        higher_is_better=HIGHER_IS_BETTER.get(metric, True), titans=titans,
+        views={v: View(clients=per, summary=summarise(per, metric)) for v, per in views.items()},
+        aggregation_drop=AggregationDrop(round=state.round + 1, clients=agg, summary=drops),
+        depth={v: DepthView(clients=per, pooled=merge_depths(per.values())) for v, per in depth.items() if per},
+        position={v: PositionView(clients={c: PositionCurve(**p) for c, p in per.items()},
+                                  pooled=_pool_positions(per)) for v, per in position.items() if per},
+        wall_s=round(time.perf_counter() - t0, 3),
+    )
 
 
-def _pool_positions(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _pool_positions(per: dict[str, dict[str, Any]]) -> PooledCurve:
     """Token-weighted pooling is not recoverable from bin means alone; pool by example-count weights per bin."""
     starts = sorted({s for p in per.values() for s in p["bin_start"]})
     ce = []
@@ -255,14 +247,13 @@ def _pool_positions(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 den += p["n"]
         ce.append(num / den)
     first = ce[0]
-    return {"bin_start": starts, "ce": ce, "relative": [(c - first) / first for c in ce]}
+    return PooledCurve(bin_start=starts, ce=ce, relative=[(c - first) / first for c in ce])
 
 
 def write_eval(run_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:
-    """Run :func:`evaluate_run` and write the record atomically (default ``RUN_DIR/eval.json``)."""
-    record = evaluate_run(run_dir, **kwargs)
+    """Run :func:`evaluate_run` and write the report atomically (default ``RUN_DIR/eval.json``)."""
     path = Path(out) if out is not None else Path(run_dir) / EVAL_NAME
-    atomic_write_json(path, record)
+    evaluate_run(run_dir, **kwargs).write(path)
     return path
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from fednl.util.atomic import atomic_write_text
 from fednl.report import panels
 from fednl.report.load import RunRecord, load_run_dir
+from fednl.report.rows import results_rows
+from fednl.report.seeds import markdown_table, seed_groups
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1180px;color:#222}
@@ -52,29 +54,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GB"
-
-
-def results_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per run: method, task, mean ± std and worst of the primary metric, bytes/round, wall."""
-    from fednl.eval.protocol import summarise
-
-    rows = []
-    for r in runs:
-        metric = panels.primary_metric(r)
-        s = summarise(r.results["clients"], metric)
-        per = r.results["comm"].get("per_round", [])
-        bpr = sum(x["bytes_up"] + x["bytes_down"] for x in per) / len(per) if per else None
-        ev = r.evaluation or {}
-        drop = (ev.get("aggregation_drop") or {}).get("summary") or {}
-        views = ev.get("views", {})
-        rows.append({"run": r.label, "method": r.results["method"], "task": r.results["task"], "metric": metric,
-                     "mean": s["mean"], "std": s["std"], "worst": s["worst"], "bytes_per_round": bpr,
-                     "wall_s": r.results.get("wall_s"),
-                     "global": (views.get("global") or {}).get("summary", {}).get("mean"),
-                     "memory_off": (views.get("memory_off") or {}).get("summary", {}).get("mean"),
-                     "heldout": (views.get("heldout") or {}).get("summary", {}).get("mean"),
-                     "agg_drop": drop.get("mean")})
-    return rows
 
 
 def _table(runs: Sequence[RunRecord]) -> str:
@@ -125,16 +104,13 @@ def build_report(run_dirs: Sequence[str | Path], *, memory_bench: str | Path | N
         "bytes": lambda: panels.cumulative_bytes(runs),
     }
     blocks = [_panel(k, t, m, makers[k]()) for k, t, m in PANELS]
-    from fednl.report.seeds import markdown_table, seed_groups
-
     groups = seed_groups(runs)
     seeds_html = ""
     if any(len(g["seeds"]) > 1 for g in groups):
         seeds_html = ("<h2>Across seeds (mean ± sample std over seeds)</h2><pre>"
                       f"{html.escape(markdown_table(groups))}</pre>")
     runs_meta = "".join(f"<li>{html.escape(r.label)}: {html.escape(str(r.path))} — model "
-                        f"{html.escape(str(r.results.get('model', '?')))}, {r.results.get('rounds', '?')} rounds</li>"
-                        for r in runs)
+                        f"{html.escape(r.results.model)}, {r.results.rounds} rounds</li>" for r in runs)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><ul class='meta'>{runs_meta}</ul>"
             f"<h2>Results</h2>{_table(runs)}{seeds_html}<div class='grid'>{''.join(blocks)}</div></body></html>\n")

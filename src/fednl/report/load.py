@@ -1,80 +1,61 @@
-"""Read a run directory for the report: results.json, metrics.jsonl, and eval.json when present.
+"""Read a run directory for the report: results.json, metrics.jsonl, and eval.json when present, each through its
+typed record (:mod:`fednl.records`).
 
 Every problem is a ``ValueError`` / ``FileNotFoundError`` naming the file (and the line for metrics.jsonl).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-RESULT_KEYS = ("method", "task", "clients", "mean", "comm", "wall_s")
+from fednl.records import (
+    EVAL_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+    EvalRecord,
+    EvalReport,
+    Results,
+    RoundRecord,
+    StopRecord,
+    read_metrics,
+)
+
+__all__ = ["RunRecord", "load_run_dir", "read_metrics"]
 
 
 @dataclass
 class RunRecord:
     path: Path
-    results: dict[str, Any]
-    rounds: list[dict[str, Any]] = field(default_factory=list)   # "round" records of metrics.jsonl
-    evals: list[dict[str, Any]] = field(default_factory=list)    # "eval" records of metrics.jsonl
-    evaluation: dict[str, Any] | None = None                     # eval.json, if `fednl evaluate` ran
+    results: Results
+    rounds: list[RoundRecord] = field(default_factory=list)   # "round" records of metrics.jsonl
+    evals: list[EvalRecord] = field(default_factory=list)     # "eval" records of metrics.jsonl
+    stops: list[StopRecord] = field(default_factory=list)     # a "stop" record when the run ended on its budget
+    evaluation: EvalReport | None = None                      # eval.json, if `fednl evaluate` ran
 
     @property
     def label(self) -> str:
-        return f"{self.results['method']} ({self.path.name}, seed {self.results.get('seed', '?')})"
+        seed = "?" if self.results.seed is None else self.results.seed
+        return f"{self.results.method} ({self.path.name}, seed {seed})"
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(round records, eval records) of a metrics.jsonl; a bad line raises naming ``path:line``."""
-    rounds, evals = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i}: corrupted metrics line ({exc.msg})") from None
-        if not isinstance(rec, dict) or rec.get("type") not in ("round", "eval"):
-            raise ValueError(f"{path}:{i}: expected an object with type 'round' or 'eval'")
-        if rec["type"] == "round":
-            missing = [k for k in ("round", "bytes_up", "bytes_down") if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{i}: round record lacks {missing}")
-            rounds.append(rec)
-        else:
-            evals.append(rec)
-    return rounds, evals
+    def view_mean(self, view: str) -> float | None:
+        """The mean of an eval.json view (``None`` without eval.json or that view)."""
+        return None if self.evaluation is None else self.evaluation.view_mean(view)
 
 
 def load_run_dir(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    res_path = run_dir / "results.json"
+    res_path = run_dir / RESULTS_NAME
     if not res_path.is_file():
         raise FileNotFoundError(f"{res_path} does not exist (unfinished run, or a suite root: pass its member "
                                 "directories)")
-    results = _read_json(res_path)
-    missing = [k for k in RESULT_KEYS if k not in results]
-    if missing:
-        raise ValueError(f"{res_path}: missing keys {missing}")
-    rec = RunRecord(run_dir, results)
-    mpath = run_dir / "metrics.jsonl"
+    rec = RunRecord(run_dir, Results.load(res_path))
+    mpath = run_dir / METRICS_NAME
     if mpath.is_file():
-        rec.rounds, rec.evals = read_metrics(mpath)
-    epath = run_dir / "eval.json"
+        rec.rounds, rec.evals, rec.stops = read_metrics(mpath)
+    epath = run_dir / EVAL_NAME
     if epath.is_file():
-        rec.evaluation = _read_json(epath)
+        rec.evaluation = EvalReport.load(epath)
     return rec

@@ -14,15 +14,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fednl.eval.metrics import PRIMARY_METRIC  # noqa: E402
 from fednl.report.load import RunRecord  # noqa: E402
-
-
-def primary_metric(run: RunRecord) -> str:
-    for key in PRIMARY_METRIC.values():
-        if key in run.results.get("mean", {}):
-            return key
-    return sorted(run.results.get("mean", {}) or ["accuracy"])[0]
 
 
 def _png(fig: Any) -> bytes:
@@ -34,14 +26,14 @@ def _png(fig: Any) -> bytes:
 
 
 def per_client_bars(runs: Sequence[RunRecord]) -> bytes | None:
-    metric = primary_metric(runs[0])
-    clients = sorted({c for r in runs for c, m in r.results["clients"].items() if metric in m})
+    metric = runs[0].results.primary_metric()
+    clients = sorted({c for r in runs for c, m in r.results.clients.items() if metric in m})
     if not clients:
         return None
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
-        vals = [r.results["clients"].get(c, {}).get(metric, math.nan) for c in clients]
+        vals = [r.results.clients.get(c, {}).get(metric, math.nan) for c in clients]
         ax.bar([x + i * width for x in range(len(clients))], vals, width, label=r.label)
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(clients))], clients, rotation=20)
     ax.set_ylabel(metric)
@@ -51,17 +43,17 @@ def per_client_bars(runs: Sequence[RunRecord]) -> bytes | None:
 
 
 def _pooled_views_plot(runs: Sequence[RunRecord], section: str,
-                       xy: Callable[[dict[str, Any]], tuple[list[Any], list[Any]]], *, xlabel: str, ylabel: str,
+                       xy: Callable[[Any], tuple[list[Any], list[Any]]], *, xlabel: str, ylabel: str,
                        title: str, ylim: tuple[float, float] | None = None, zero_line: bool = False) -> bytes | None:
-    """One line per run and view (``personalised`` solid, ``memory_off`` dashed) of the pooled ``section`` of the
-    runs' eval.json; ``xy`` turns a pooled record into the line's points. ``None`` when no run has one."""
+    """One line per run and view (``personalised`` solid, ``memory_off`` dashed) of the pooled ``section``
+    (``depth`` or ``position``) of the runs' eval.json; ``xy`` turns a pooled record into the line's points.
+    ``None`` when no run has one."""
     series = []
     for r in runs:
-        d = (r.evaluation or {}).get(section, {})
+        views = getattr(r.evaluation, section) if r.evaluation is not None else {}
         for view in ("personalised", "memory_off"):
-            pooled = d.get(view, {}).get("pooled")
-            if pooled:
-                series.append((f"{r.label} {view}", pooled))
+            if view in views and views[view].pooled:
+                series.append((f"{r.label} {view}", views[view].pooled))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -81,7 +73,7 @@ def _pooled_views_plot(runs: Sequence[RunRecord], section: str,
 
 def _depth_points(pooled: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     xs = sorted(pooled, key=float)
-    return [float(x) for x in xs], [pooled[x]["accuracy"] for x in xs]
+    return [float(x) for x in xs], [pooled[x].accuracy for x in xs]
 
 
 def accuracy_vs_depth(runs: Sequence[RunRecord]) -> bytes | None:
@@ -91,7 +83,7 @@ def accuracy_vs_depth(runs: Sequence[RunRecord]) -> bytes | None:
 
 
 def ce_vs_position(runs: Sequence[RunRecord]) -> bytes | None:
-    return _pooled_views_plot(runs, "position", lambda pooled: (pooled["bin_start"], pooled["relative"]),
+    return _pooled_views_plot(runs, "position", lambda pooled: (pooled.bin_start, pooled.relative),
                               xlabel="token position (bin start)", ylabel="CE relative to first bin",
                               title="streaming CE by position", zero_line=True)
 
@@ -129,9 +121,9 @@ def cumulative_bytes(runs: Sequence[RunRecord]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for label, rounds in series:
         total, xs, ys = 0, [], []
-        for rec in sorted(rounds, key=lambda x: x["round"]):
-            total += rec["bytes_up"] + rec["bytes_down"]
-            xs.append(rec["round"])
+        for rec in sorted(rounds, key=lambda x: x.round):
+            total += rec.bytes_up + rec.bytes_down
+            xs.append(rec.round)
             ys.append(total)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_yscale("log")

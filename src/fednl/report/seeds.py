@@ -10,8 +10,8 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from fednl.report.html import results_rows
 from fednl.report.load import RunRecord
+from fednl.report.rows import results_rows
 
 IGNORED = ("seed", "out", "description")
 
@@ -59,9 +59,9 @@ def seed_groups(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     for idx in keys.values():
         first = cfgs[idx[0]]
         label_bits = [f"{k}={first.get(k)}" for k in varying if k not in ("task.name",)]
-        rec: dict[str, Any] = {"method": runs[idx[0]].results["method"], "task": runs[idx[0]].results["task"],
+        rec: dict[str, Any] = {"method": runs[idx[0]].results.method, "task": runs[idx[0]].results.task,
                                "variant": ", ".join(label_bits), "metric": rows[idx[0]]["metric"],
-                               "seeds": [runs[i].results.get("seed") for i in idx],
+                               "seeds": [runs[i].results.seed for i in idx],
                                "runs": [runs[i] for i in idx]}
         for field in ("mean", "worst", "global", "memory_off", "heldout", "agg_drop", "bytes_per_round", "wall_s"):
             vals = [rows[i][field] for i in idx if rows[i][field] is not None]
@@ -73,8 +73,8 @@ def seed_groups(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
 
 
 def _last_relative(run: RunRecord) -> float | None:
-    pooled = ((run.evaluation or {}).get("position", {}).get("personalised") or {}).get("pooled")
-    return pooled["relative"][-1] if pooled else None
+    view = run.evaluation.position.get("personalised") if run.evaluation is not None else None
+    return view.pooled.relative[-1] if view is not None else None
 
 
 def _pm(v: tuple[float, float] | None, digits: int = 4) -> str:
@@ -100,14 +100,17 @@ def _columns(run: RunRecord, kind: str, view: str) -> dict[str, float]:
     """One run's values by column: ``clients`` (personalised primary metric per client), ``depth`` (pooled NIAH
     accuracy per depth of ``view``) or ``position`` (pooled CE relative to the first bin, per bin start)."""
     if kind == "clients":
-        metric = results_rows([run])[0]["metric"]
-        return {c: float(m[metric]) for c, m in run.results["clients"].items() if metric in m}
-    pooled = (((run.evaluation or {}).get(kind) or {}).get(view) or {}).get("pooled")
-    if not pooled:
+        metric = run.results.primary_metric()
+        return {c: float(m[metric]) for c, m in run.results.clients.items() if metric in m}
+    if run.evaluation is None:
         return {}
     if kind == "depth":
-        return {k: float(v["accuracy"]) for k, v in pooled.items()}
-    return {str(b): float(r) for b, r in zip(pooled["bin_start"], pooled["relative"])}
+        depth = run.evaluation.depth.get(view)
+        return {} if depth is None else {k: float(v.accuracy) for k, v in depth.pooled.items()}
+    position = run.evaluation.position.get(view)
+    if position is None:
+        return {}
+    return {str(b): float(r) for b, r in zip(position.pooled.bin_start, position.pooled.relative)}
 
 
 def curve_table(groups: Sequence[dict[str, Any]], kind: str, view: str = "personalised", digits: int = 3) -> str:
