@@ -173,8 +173,8 @@ def test_paper_table_units(tmp_path) -> None:
     from fednl.reproduce import paper_table
 
     def run(seed: int, metric: str, vals: list[float]) -> RunRecord:
-        return RunRecord(tmp_path / f"s{seed}", results(seed, {f"c{i}": {metric: v, "n": 1.0} for i, v in enumerate(vals)},
-                                                        metric))
+        clients = {f"c{i}": {metric: v, "n": 1.0} for i, v in enumerate(vals)}
+        return RunRecord(tmp_path / f"s{seed}", results(seed, clients, metric))
 
     # perplexity = exp(client-mean CE) per run: exp(1) and exp(2) -> mean 5.0537, sample std 3.3028
     g = [{"method": "fednl", "variant": "hebbian", "runs": [run(0, "ce", [0.5, 1.5]), run(1, "ce", [2.0, 2.0])]}]

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from fednl.util.atomic import atomic_write_json
 
@@ -72,7 +72,8 @@ def explain(exc: ValidationError, what: str) -> str:
     """``"<what> lacks ['a', 'b']"`` for missing fields, ``"field: reason"`` for the others."""
     name = what.strip().split("\n")[0].split(":")[0].rstrip(".")
     missing = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "missing"]
-    other = [f"{'.'.join(map(str, e['loc'])) or '<record>'}: {e['msg']}" for e in exc.errors() if e["type"] != "missing"]
+    other = [f"{'.'.join(map(str, e['loc'])) or '<record>'}: {e['msg']}"
+             for e in exc.errors() if e["type"] != "missing"]
     parts = ([f"{name} lacks {missing}"] if missing else []) + other
     return "; ".join(parts)
 
@@ -87,9 +88,11 @@ def read_json(path: str | Path) -> Any:
 
 # ---------------------------------------------------------------------------------------------- metrics.jsonl
 class RoundRecord(Record):
-    """round record: one line of metrics.jsonl per finished round."""
+    """round record: one line of metrics.jsonl per finished round. ``dropped``: sampled clients that did not
+    answer; ``rejected`` / ``clipped`` / ``krum_dropped`` / ``dp``: what the update guard did (only when it did)."""
 
     model_config = ConfigDict(extra="allow")
+    OMIT_NONE = ("dropped", "rejected", "clipped", "krum_dropped", "dp")
 
     type: Literal["round"] = "round"
     round: int
@@ -100,6 +103,11 @@ class RoundRecord(Record):
     s_round: float
     peak_mem_mb: float
     client_train: dict[str, Metrics]
+    dropped: list[str] | None = None
+    rejected: list[dict[str, Any]] | None = None
+    clipped: dict[str, float] | None = None
+    krum_dropped: list[str] | None = None
+    dp: dict[str, Any] | None = None
 
 
 class EvalRecord(Record):
@@ -128,24 +136,53 @@ class EvalRecord(Record):
         return {**head, **self.metrics}
 
 
-class Stop(Record):
-    """stop record: why and where a run ended before its last round (``engine.max_bytes``)."""
-
-    model_config = ConfigDict(extra="allow")
+class _Stop(Record):
+    """Why and where a run ended before its last round: ``round`` could not run, ``rounds_completed`` did."""
 
     reason: str
-    max_bytes: int
-    bytes: int
     rounds_completed: int
     round: int
-    bytes_needed: int
     message: str
 
 
-class StopRecord(Stop):
-    """stop record: the metrics.jsonl line of a :class:`Stop`."""
+class BudgetStop(_Stop):
+    """stop record: the traffic budget (``engine.max_bytes``) would have been crossed."""
+
+    reason: Literal["max_bytes"] = "max_bytes"
+    max_bytes: int
+    bytes: int
+    bytes_needed: int
+
+
+class PrivacyStop(_Stop):
+    """stop record: the privacy budget (``dp.max_epsilon``) would have been crossed."""
+
+    reason: Literal["max_epsilon"] = "max_epsilon"
+    max_epsilon: float
+    epsilon: float
+    delta: float | None
+
+
+Stop = Annotated[BudgetStop | PrivacyStop, Field(discriminator="reason")]
+_STOP: TypeAdapter[Any] = TypeAdapter(Stop)
+
+
+class StopRecord(Record):
+    """stop record: the metrics.jsonl line of a stop (on disk the stop's fields sit next to ``type``)."""
 
     type: Literal["stop"] = "stop"
+    stop: Stop
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stop" not in data:
+            return {"type": data.get("type", "stop"), "stop": {k: v for k, v in data.items() if k != "type"}}
+        return data
+
+    @model_serializer(mode="plain")
+    def _flat(self) -> dict[str, Any]:
+        return {"type": self.type, **self.stop.to_json()}
 
 
 def read_metrics(path: str | Path) -> tuple[list[RoundRecord], list[EvalRecord], list[StopRecord]]:

@@ -1,8 +1,8 @@
 """Federated tasks and Non-IID clients.
 
 ``build_task(cfg, tokenizer, seed) -> FederatedTask`` builds one of the tasks ``mmlu5``, ``niah7``, ``stream``,
-``babilong``, ``jsonl`` (each config in its own file of :mod:`fednl.data.tasks`, registered there), re-deals it with a partitioner
-(:mod:`fednl.data.partition`), reserves held-out clients and attaches a heterogeneity report
+``babilong``, ``jsonl`` (each config in its own file of :mod:`fednl.data.tasks`, registered there), re-deals it
+with a partitioner (:mod:`fednl.data.partition`), reserves held-out clients and attaches a heterogeneity report
 (:mod:`fednl.data.report`). See docs/DATA.md.
 """
 

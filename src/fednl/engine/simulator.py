@@ -43,9 +43,20 @@ from fednl.engine.screening import Rejection
 from fednl.engine.ledger import group_index
 from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
 from fednl.engine.wire import Wire, payload_bytes
+from fednl.records import (
+    RESULTS_NAME,
+    BudgetStop,
+    EvalRecord,
+    PrivacyStop,
+    Record,
+    Results,
+    RoundRecord,
+    StopRecord,
+    append_metrics,
+)
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
 from fednl.strategies.server_opt import server_step
-from fednl.util.atomic import atomic_write_json, atomic_write_text
+from fednl.util.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from fednl.config import EngineConfig, RunConfig, TrainConfig
@@ -294,10 +305,8 @@ class RoundLoop:
                     keep.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
-    def _append_metrics(self, records: list[dict[str, Any]]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, sort_keys=True) + "\n")
+    def _append_metrics(self, records: list[Record]) -> None:
+        append_metrics(self.metrics_path, records)
 
     def _is_eval_round(self, rnd: int) -> bool:
         every = int(self.spec.engine.eval_every)
@@ -333,7 +342,7 @@ class RoundLoop:
             weights = [r.num_examples for r in kept]
             loss = (sum(r.metrics["train_loss"] * w for r, w in zip(kept, weights)) / sum(weights) if kept
                     else float("nan"))
-            records: list[dict[str, Any]] = []
+            records: list[Record] = []
             evals: dict[str, dict[str, float]] = {}
             if self._is_eval_round(rnd):
                 evals, eval_records = self._evaluate_round(rnd, state)
@@ -341,16 +350,11 @@ class RoundLoop:
             s_round = time.perf_counter() - t0
             up, down = state.ledger.total("up", rnd), state.ledger.total("down", rnd)
             peak = peak_memory_mb(self.device)
-            record: dict[str, Any] = {
-                "type": "round", "round": rnd, "clients": chosen, "train_loss": loss, "bytes_up": up,
-                "bytes_down": down, "s_round": s_round, "peak_mem_mb": peak,
-                "client_train": {r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
-            }
             answered = {r.cid for r in replies} | {r.cid for r in refused}
-            if len(answered) < len(chosen):
-                record["dropped"] = [c for c in chosen if c not in answered]
-            record.update(step.to_record())
-            records.insert(0, record)
+            records.insert(0, RoundRecord(
+                round=rnd, clients=chosen, train_loss=loss, bytes_up=up, bytes_down=down, s_round=s_round,
+                peak_mem_mb=peak, client_train={r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
+                dropped=[c for c in chosen if c not in answered] or None, **step.to_record()))
             self._append_metrics(records)
             state.round = rnd
             state.python_random = rng.getstate()
@@ -362,19 +366,19 @@ class RoundLoop:
                 return None
         state.info["wall_s"] = wall_before + time.perf_counter() - session_start
         results = self.results(state)
-        atomic_write_json(self.out / "results.json", results)
+        results.write(self.out / RESULTS_NAME)
         self.state = state
-        return results
+        return results.to_json()
 
-    def _evaluate_round(self, rnd: int, state: RunState) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    def _evaluate_round(self, rnd: int, state: RunState) -> tuple[dict[str, dict[str, float]], list[EvalRecord]]:
         """Evaluate every tested client (and the held-out ones) after round ``rnd``; record it in ``state.info``."""
         fed = self.federation
         evals = self.executor.evaluate(rnd, fed.tested, state) if fed.tested else {}
         state.info["last_eval"] = evals
         state.info["last_eval_round"] = rnd
-        records = [{"type": "eval", "round": rnd, "client": c, **m} for c, m in evals.items()]
+        records = [EvalRecord(round=rnd, client=c, metrics=m) for c, m in evals.items()]
         if fed.heldout:
-            records += [{"type": "eval", "round": rnd, "client": c, "heldout": True, **m}
+            records += [EvalRecord(round=rnd, client=c, heldout=True, metrics=m)
                         for c, m in self.executor.evaluate(rnd, fed.heldout, state).items()]
         return evals, records
 
@@ -383,9 +387,9 @@ class RoundLoop:
         state = load_checkpoint(self.ckpt_dir)
         self.strategy.load_server_state(state.server_tensors, state.server_info)
         self.guard.load_state(state.engine_info)
-        record = {"reason": "max_bytes", "max_bytes": stop.limit, "bytes": state.ledger.total(),
-                  "rounds_completed": state.round, "round": stop.rnd,
-                  "bytes_needed": stop.spent + stop.nbytes, "message": f"{stop.direction} {stop.cid}"}
+        record = BudgetStop(max_bytes=stop.limit, bytes=state.ledger.total(), rounds_completed=state.round,
+                            round=stop.rnd, bytes_needed=stop.spent + stop.nbytes,
+                            message=f"{stop.direction} {stop.cid}")
         cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
         return self._stop(state, record, wall_s, f"stopped: the {stop.direction}link payload of {stop.cid} in round "
                           f"{stop.rnd} would bring the traffic to {stop.spent + stop.nbytes:,} B, past "
@@ -395,28 +399,28 @@ class RoundLoop:
         """``[dp] max_epsilon``: round ``rnd``'s release would pass the budget; end after round ``rnd - 1``."""
         spent = self.guard.spent() or {}
         limit = float(self.spec.dp.max_epsilon)
-        record = {"reason": "max_epsilon", "max_epsilon": limit, "epsilon": spent.get("epsilon", 0.0),
-                  "delta": spent.get("delta"), "rounds_completed": state.round, "round": rnd,
-                  "message": f"the release of round {rnd} would take epsilon past {limit:g}"}
+        record = PrivacyStop(max_epsilon=limit, epsilon=spent.get("epsilon", 0.0), delta=spent.get("delta"),
+                             rounds_completed=state.round, round=rnd,
+                             message=f"the release of round {rnd} would take epsilon past {limit:g}")
         cover = f"rounds 1-{state.round}" if state.round else "the initial model (no round fits)"
         return self._stop(state, record, wall_s, f"stopped: round {rnd}'s release would take ε past dp.max_epsilon = "
-                          f"{limit:g} (ε = {record['epsilon']:.4g} at δ = {record['delta']:g} after {state.round} "
+                          f"{limit:g} (ε = {record.epsilon:.4g} at δ = {record.delta:g} after {state.round} "
                           f"rounds); results cover {cover}")
 
-    def _stop(self, state: RunState, record: dict[str, Any], wall_s: float, message: str) -> dict[str, Any]:
+    def _stop(self, state: RunState, record: BudgetStop | PrivacyStop, wall_s: float, message: str) -> dict[str, Any]:
         """End the run cleanly at ``state``: evaluate it if it was not, a stop record, checkpoint, results."""
-        records: list[dict[str, Any]] = []
+        records: list[Record] = []
         if state.info.get("last_eval_round") != state.round:
             records += self._evaluate_round(state.round, state)[1]
-        self._append_metrics([*records, {"type": "stop", **record}])
-        state.info["stopped"] = record
+        self._append_metrics([*records, StopRecord(stop=record)])
+        state.info["stopped"] = record.to_json()
         state.info["wall_s"] = wall_s
         save_checkpoint(self.ckpt_dir, state)
-        results = {**self.results(state), "stopped": record}
-        atomic_write_json(self.out / "results.json", results)
+        results = self.results(state).model_copy(update={"stopped": record})
+        results.write(self.out / RESULTS_NAME)
         self.state = state
         self.log(message)
-        return results
+        return results.to_json()
 
     # ------------------------------------------------------------------ reporting
     def _line(self, rnd: int, loss: float, evals: dict[str, dict[str, float]], up: int, down: int,
@@ -427,16 +431,14 @@ class RoundLoop:
         return (f"round {rnd:>3}/{self.spec.rounds} | loss {loss:.4f} | {metric} | "
                 f"↑ {human_bytes(up)} ↓ {human_bytes(down)} | {s_round:.2f} s/round | peak mem {peak:.0f} MB")
 
-    def results(self, state: RunState) -> dict[str, Any]:
+    def results(self, state: RunState) -> Results:
         clients: dict[str, dict[str, float]] = state.info.get("last_eval", {})
         keys = sorted({k for m in clients.values() for k in m if k not in COUNT_KEYS})
         mean = {k: sum(m[k] for m in clients.values() if k in m) / sum(1 for m in clients.values() if k in m)
                 for k in keys}
-        return {
-            "method": self.spec.method, "model": self.spec.model_name, "task": self.federation.task,
-            "rounds": self.spec.rounds, "clients": clients, "mean": mean, "comm": state.ledger.summary(),
-            "wall_s": round(float(state.info.get("wall_s", 0.0)), 3), "seed": self.spec.seed,
-        }
+        return Results(method=self.spec.method, model=self.spec.model_name, task=self.federation.task,
+                       rounds=self.spec.rounds, clients=clients, mean=mean, comm=state.ledger.summary(),
+                       wall_s=round(float(state.info.get("wall_s", 0.0)), 3), seed=self.spec.seed)
 
 
 class Simulator(RoundLoop):

@@ -103,5 +103,8 @@ def token_ce_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     flat, ys = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     out = []
     for row, y in zip(flat, ys.tolist()):
-        out.append(row.new_zeros((), dtype=torch.float32) if y == IGNORE else -torch.log_softmax(row.float(), dim=-1)[y])
+        if y == IGNORE:
+            out.append(row.new_zeros((), dtype=torch.float32))
+        else:
+            out.append(-torch.log_softmax(row.float(), dim=-1)[y])
     return torch.stack(out).reshape(targets.shape)

@@ -19,8 +19,8 @@ def results_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         ev = r.evaluation
         drop = ev.aggregation_drop.summary if ev is not None else None
         rows.append({"run": r.label, "method": r.results.method, "task": r.results.task, "metric": metric,
-                     "mean": s.mean, "std": s.std, "worst": s.worst, "bytes_per_round": r.results.comm.bytes_per_round(),
-                     "wall_s": r.results.wall_s, "global": r.view_mean("global"),
+                     "mean": s.mean, "std": s.std, "worst": s.worst,
+                     "bytes_per_round": r.results.comm.bytes_per_round(), "wall_s": r.results.wall_s, "global": r.view_mean("global"),
                      "memory_off": r.view_mean("memory_off"), "heldout": r.view_mean("heldout"),
                      "agg_drop": None if drop is None else drop.mean})
     return rows
