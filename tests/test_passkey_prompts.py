@@ -67,3 +67,21 @@ def test_equal_budget_twins_are_the_wider_window_and_the_extra_sinks():
             b = twin(x).logits
         torch.testing.assert_close(a, b)
     assert [(layer.window, layer.sinks, layer.cache_size) for layer in titans_layers(m)][0] == (8, 2, 5)
+
+
+def test_bench_run_reports_every_condition(tmp_path, capsys):
+    import json
+
+    from fednl.bench.passkey import run
+    from fednl.models.rules import save_rule
+
+    net = build_model("titans", TINY, MemoryConfig(attn_window=8, write="evicted"), LoraConfig(r=1), seed=0)
+    rule = save_rule(net, tmp_path / "r.safetensors")
+    res = run(rule=str(rule), model="tiny", window=8, sinks=2, n=2, filler=30, threads=1, cache=4, depth=0.5,
+              json_out=True)
+    assert json.loads(capsys.readouterr().out) == res
+    assert list(res["conditions"]) == ["memory", "cache", "wider", "more_sinks", "window", "full"]
+    assert (res["window"], res["sinks"], res["cache"], res["depth"]) == (8, 2, 4, 0.5)
+    assert all(0.0 <= c["digit_accuracy"] <= 1.0 for c in res["conditions"].values())
+    with pytest.raises(ValueError, match="cache needs write"):
+        run(rule="none", model="tiny", n=1, filler=10, threads=1, cache=4)

@@ -2,9 +2,11 @@
 
 Each prompt states a seeded 5-digit pass key, then ``filler`` tokens of the embedded book (from a seeded offset),
 then asks for the key; the model answers greedily (streamed: the memory state, the sinks and the window are all it
-carries). Digit accuracy is the fraction of the 5 digits right in position (chance 0.1). The three conditions of
+carries). Digit accuracy is the fraction of the 5 digits right in position (chance 0.1). The conditions of
 :mod:`fednl.eval.memory` run on the same model and prompts: ``memory`` (the rule as trained), ``window`` (gate 0:
-window + sinks alone) and ``full`` (full attention, the ceiling).
+window + sinks alone) and ``full`` (full attention, the ceiling); with a sparse cache (``cache`` > 0) also ``cache``
+(window + sinks + the cache, memory not mixed in) and its equal-budget twins ``wider`` (window + C) and
+``more_sinks`` (sinks + C). ``depth`` puts part of the filler before the key, so that extra sinks cannot hold it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
                       else ("memory", "window", "full"))
     res: dict[str, Any] = {"rule": rule if loaded is None else str(loaded.origin), "window": window, "sinks": sinks,
                            "cache": cache, "cache_every": cache_every, "depth": depth, "n": n, "filler": filler,
-                           "seed": seed, "prompt_tokens": len(items[0][1])}
+                           "seed": seed, "prompt_tokens": len(items[0][1]), "conditions": {}}
     for cond in conditions:
         t0 = time.perf_counter()
         accs = []
@@ -74,7 +76,7 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
                 lm = StreamingLM(net)
                 new = lm.generate(torch.tensor([ids]), max_new_tokens=8)
                 accs.append(digit_accuracy(key, tok.decode(new[0].tolist())))
-        res[cond] = {"digit_accuracy": sum(accs) / len(accs), "exact": sum(a == 1.0 for a in accs) / len(accs),
+        res["conditions"][cond] = {"digit_accuracy": sum(accs) / len(accs), "exact": sum(a == 1.0 for a in accs) / len(accs),
                      "seconds": round(time.perf_counter() - t0, 1)}
     if json_out:
         print(json.dumps(res))
@@ -83,6 +85,6 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
               f"sinks" + (f" + a cache of {cache}" if cache else "") + f", key at depth {depth}, rule {res['rule']} "
               "(chance: 0.10 digit accuracy)")
         for cond in conditions:
-            r = res[cond]
-            print(f"  {cond:<8} digit accuracy {r['digit_accuracy']:.3f}   exact {r['exact']:.2f}   ({r['seconds']} s)")
+            r = res["conditions"][cond]
+            print(f"  {cond:<10} digit accuracy {r['digit_accuracy']:.3f}   exact {r['exact']:.2f}   ({r['seconds']} s)")
     return res
