@@ -49,11 +49,15 @@ def test_run_config_errors_name_the_key():
         AppSettings.from_run_config({"fednl-config": "tiny", "out-dir": "/x", "wait-nodes-s": -1})
 
 
-def test_deploy_pyproject_declares_exactly_the_keys_the_server_reads():
-    data = tomllib.loads((REPO / "deploy" / "pyproject.toml").read_text())
+@pytest.mark.parametrize("app_dir,serverapp", [("deploy", "serverapp"), ("deploy/isolation", "isolationapp")])
+def test_deploy_pyproject_declares_exactly_the_keys_the_server_reads(app_dir, serverapp):
+    import fednl.flower.app as flower_app
+
+    data = tomllib.loads((REPO / app_dir / "pyproject.toml").read_text())
     flwr = data["tool"]["flwr"]["app"]
-    assert flwr["components"] == {"serverapp": "fednl.flower.app:serverapp",
+    assert flwr["components"] == {"serverapp": f"fednl.flower.app:{serverapp}",
                                   "clientapp": "fednl.flower.app:clientapp"}
+    assert hasattr(flower_app, serverapp)
     assert set(flwr["config"]) == set(RUN_CONFIG_KEYS)
     assert "torch" not in " ".join(data["project"]["dependencies"])  # runtime install would pull a CUDA torch
 
@@ -88,6 +92,7 @@ def test_node_identity_from_node_config():
     node = node_identity({"partition-id": 1, "num-partitions": 3, "state-dir": " /data/fednl "})
     assert (node.partition_id, node.num_partitions, node.state_dir) == (1, 3, "/data/fednl")
     assert node_identity({"partition-id": 0, "num-partitions": 1}).state_dir == ""
+    assert node_identity({"partition-id": 0, "num-partitions": 1, "data-dir": " /d/c0 "}).data_dir == "/d/c0"
     with pytest.raises(ValueError, match="lacks 'num-partitions'"):
         node_identity({"partition-id": 0})
     with pytest.raises(ValueError, match="outside"):
@@ -144,3 +149,32 @@ def test_run_config_command_prints_a_flwr_run_config_file(tmp_path):
     parsed = tomllib.loads(res.output)
     assert AppSettings.from_run_config(parsed) == AppSettings(
         config="tiny", overrides=["rounds=3", 'method.scope="rules"'], out="/srv/runs/x", resume=True)
+
+
+def test_clients_and_split_data_commands(tmp_path):
+    """`fednl flower clients` counts training + held-out nodes; `split-data` writes one checked folder per node."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fednl.cli import app
+    from fednl.flower.data import read_client_folder
+    from flower_tiny import tiny_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(tiny_config(seed=4, rounds=1, method="fednl", n_clients=3, parts_per_book=3, heldout=1))
+    runner = CliRunner()
+    res = runner.invoke(app, ["flower", "clients", str(config)])
+    assert res.exit_code == 0 and res.output.strip() == "3", res.output
+    res = runner.invoke(app, ["flower", "split-data", str(config), "--out", str(tmp_path / "data")])
+    assert res.exit_code == 0, res.output
+    rows = [line.split("\t") for line in res.output.splitlines()]
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    specs = [json.loads((tmp_path / "data" / f"partition-{i}" / "client.json").read_text()) for i in range(3)]
+    assert [s["heldout"] for s in specs] == [False, False, True]
+    assert [s["client"] for s in specs] == [r[1] for r in rows]
+    for i, spec in enumerate(specs):
+        data, _ = read_client_folder(tmp_path / "data" / f"partition-{i}")
+        assert data.client.name == spec["client"] and len(data.client.train) == spec["train"]
+    res = runner.invoke(app, ["flower", "split-data", str(config), "--out", str(tmp_path / "data")])
+    assert res.exit_code == 2 and "is not empty" in res.output
