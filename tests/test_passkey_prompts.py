@@ -85,3 +85,25 @@ def test_bench_run_reports_every_condition(tmp_path, capsys):
     assert all(0.0 <= c["digit_accuracy"] <= 1.0 for c in res["conditions"].values())
     with pytest.raises(ValueError, match="cache needs write"):
         run(rule="none", model="tiny", n=1, filler=10, threads=1, cache=4)
+
+
+def test_memory_eval_cli_with_a_cache(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fednl.cli import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "memory-tiny", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["memory-eval", str(out), "--max-examples", "1", "--cache", "8", "--cache-every",
+                                   "4", "--conditions", "memory,cache,wider,window"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "memory_eval-heldout-cache8.json").read_text())
+    assert rec["cache"] == 8 and set(rec["pooled"]) >= {"memory", "cache", "wider", "window"}
+    assert "full" not in rec["pooled"] and "cache" in res.output
+    inside = [rec["pooled"][c]["ranges"][0]["ce"] for c in ("cache", "wider", "window")]
+    assert inside[0] == pytest.approx(inside[2], abs=1e-6)  # nothing is evicted inside the window: no cache there
+    bad = CliRunner().invoke(app, ["memory-eval", str(out), "--conditions", "cache"])
+    assert bad.exit_code != 0 and "sparse cache" in bad.output

@@ -35,6 +35,8 @@ def memory_eval(
     cache: int = typer.Option(0, "--cache", min=0, help="add a sparse cache of N evicted tokens per KV head "
                                                        "(memory.cache; inference only) and its 'cache' condition"),
     cache_every: int = typer.Option(16, "--cache-every", min=1, help="tokens between cache updates"),
+    conditions: str | None = typer.Option(None, "--conditions", help="comma-separated subset of memory,zeroed,window,"
+                                          "full (and with --cache: cache,wider,more_sinks); default: all"),
 ) -> None:
     """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
     import json
@@ -44,15 +46,18 @@ def memory_eval(
     from fednl.util.atomic import atomic_write_text
 
     with user_errors():
+        chosen = tuple(c.strip() for c in conditions.split(",") if c.strip()) if conditions else None
         res = run_memory_views(run_dir, clients=clients, max_examples=max_examples, cache=cache,
-                               cache_every=cache_every)
+                               cache_every=cache_every, **({"conditions": chosen} if chosen else {}))
         path = out or Path(run_dir) / (f"memory_eval-{clients}" + (f"-cache{cache}" if cache else "") + ".json")
         atomic_write_text(path, json.dumps(res, indent=1))
         p = res["pooled"]
         typer.echo(f"beyond position {p['ranges'][-1][0]}: " + "  ".join(
             f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "wider", "more_sinks", "window", "full") if c in p))
-        typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
-                   f"{p['carried']:+.4f}  gap closed {100 * p['gap_closed']:.1f} %")
+        if "gain_inside" in p:
+            typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
+                       f"{p['carried']:+.4f}" + (f"  gap closed {100 * p['gap_closed']:.1f} %" if "gap_closed" in p
+                                                  else ""))
         results = Path(run_dir) / RESULTS_NAME
         if results.is_file():
             rs = Results.load(results)

@@ -164,7 +164,8 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
                          "beyond a full-attention window")
     if cache:
         set_cache(sim.model, cache, cache_every)
-        conditions = (*conditions, *(c for c in CACHE_CONDITIONS if c not in conditions))
+        if conditions is CONDITIONS:  # the default: every condition, the cache's included
+            conditions = (*CONDITIONS, *CACHE_CONDITIONS)
     seq_len = eval_seq_len(sim.spec)
     bs = int(sim.spec.engine.eval_batch_size or sim.spec.train.batch_size)
     if clients == "heldout":
