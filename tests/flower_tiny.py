@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from tiny_model import tiny_model_toml
 
 
 def tiny_config(*, seed: int, rounds: int, method: str, n_clients: int = 2, parts_per_book: int = 2, extra: str = "",
@@ -19,19 +20,7 @@ seed = {seed}
 rounds = {rounds}
 [method]
 name = "{method}"
-[model]
-source = "tiny"
-tiny_hidden = 16
-tiny_layers = 2
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 32
-[memory]
-chunk_size = 16
-[lora]
-r = 2
-alpha = 4.0
-[task]
+{tiny_model_toml()}[task]
 name = "stream"
 doc_length = 32
 parts_per_book = {parts_per_book}

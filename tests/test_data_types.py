@@ -20,6 +20,7 @@ from fednl.data import (
 )
 from fednl.data.prompts import balanced_positions, format_mc, format_qa, letters, place_gold
 from fednl.data.text import book_from_text
+from fednl.models.tokenizer import ByteTokenizer
 
 
 def _task(prompt: str = "Question: q\nA. x\nB. y\nAnswer:") -> FederatedTask:
@@ -120,13 +121,6 @@ def test_each_task_registers_in_its_own_file_and_builds_itself():
         assert cls.__module__ == f"fednl.data.tasks.{name}" and cls.model_fields["name"].default == name
     cfg = parse_task_config({"name": "niah7", "quickstart": True, "templates": ["passkey"], "n_train": 2, "n_test": 1,
                              "train_lengths": [768], "test_lengths": [768]})
-
-    class Tok:
-        vocab_size, eos_id = 257, 256
-
-        def encode(self, text):
-            return list(text.encode())
-
-    built = cfg.build(Tok(), 0)
-    assert task_fingerprint(built) == task_fingerprint(build_task(cfg.model_dump(mode="json"), Tok(), 0))
+    built = cfg.build(ByteTokenizer(), 0)
+    assert task_fingerprint(built) == task_fingerprint(build_task(cfg.model_dump(mode="json"), ByteTokenizer(), 0))
     assert [c.name for c in built.clients] == ["passkey"] and len(built.clients[0].train) == 2

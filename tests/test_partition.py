@@ -10,21 +10,12 @@ import pytest
 
 from fednl.data import PartitionConfig, build_task, format_report, heterogeneity_report
 from fednl.data.partition import choose_heldout, dirichlet, iid, long_tail, long_tail_sizes, partition, pathological
+from fednl.models.tokenizer import ByteTokenizer
 
 HAS_FLWR = importlib.util.find_spec("flwr_datasets") is not None
 NO_FLWR = pytest.mark.skipif(not HAS_FLWR, reason="flwr-datasets not installed")
 BACKENDS = ["python", pytest.param("flwr", marks=NO_FLWR)]
 LABELS = [f"L{i % 5}" for i in range(200)]  # 5 labels x 40 examples
-
-
-class ByteTok:
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
 
 
 def _is_partition(parts, n, allow_dropped=False):
@@ -152,25 +143,25 @@ def test_heterogeneity_report_by_hand():
 
 def test_task_repartition_keeps_every_example_and_split():
     base = {"name": "niah7", "quickstart": True, "n_train": 8, "n_test": 4, "templates": ["passkey", "uuid", "counter"]}
-    natural = build_task(base, ByteTok(), 0)
+    natural = build_task(base, ByteTokenizer(), 0)
     uids = {r["uid"]: r["split"] for r in natural.iter_records()}
     for part in ({"kind": "iid", "n_clients": 4}, {"kind": "dirichlet", "n_clients": 3, "alpha": 0.3},
                  {"kind": "pathological", "n_clients": 3, "k": 1},
                  {"kind": "long_tail", "n_clients": 3, "law": "zipf"}):
-        task = build_task({**base, "partition": part, "heldout": 1}, ByteTok(), 0)
+        task = build_task({**base, "partition": part, "heldout": 1}, ByteTokenizer(), 0)
         recs = list(task.iter_records())
         assert {r["uid"]: r["split"] for r in recs} == uids, part
         assert len(task.clients) == part["n_clients"] - 1 and len(task.heldout) == 1
         assert all(r["meta"]["client"] == r["client"] for r in recs)
         assert Counter(r["meta"]["natural_client"] for r in recs) == {"passkey": 12, "uuid": 12, "counter": 12}
         assert task.info["heterogeneity"]["clients"][task.heldout[0].name]["heldout"] is True
-    patho = build_task({**base, "partition": {"kind": "pathological", "n_clients": 3, "k": 1}}, ByteTok(), 0)
+    patho = build_task({**base, "partition": {"kind": "pathological", "n_clients": 3, "k": 1}}, ByteTokenizer(), 0)
     assert all(len({e.meta["template"] for e in c.train + c.test}) == 1 for c in patho.clients)
 
 
 def test_natural_heldout_by_name():
     task = build_task({"name": "niah7", "quickstart": True, "n_train": 2, "n_test": 1, "heldout": ["counter"]},
-                      ByteTok(), 0)
+                      ByteTokenizer(), 0)
     assert [c.name for c in task.heldout] == ["counter"]
     assert "counter" not in [c.name for c in task.clients] and len(task.clients) == 6
     assert task.info["counts"]["counter"] == {"train": 2, "test": 1, "heldout": True}

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fednl.cli import app
 from fednl.engine.runstate import load_checkpoint
+from tiny_model import tiny_model_toml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,18 +38,7 @@ rounds = 3
 name = "fednl"
 scope = "rules"
 fraction_fit = {fraction}
-[model]
-source = "tiny"
-tiny_hidden = 32
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 64
-[memory]
-chunk_size = 16
-[lora]
-r = 2
-alpha = 4.0
-[task]
+{tiny_model_toml(hidden=32, intermediate=64)}[task]
 name = "jsonl"
 path = "{data}"
 [train]

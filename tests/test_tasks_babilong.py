@@ -8,6 +8,7 @@ import pytest
 
 from fednl.data import DataFileError, build_task, task_fingerprint
 from fednl.data.tasks.babilong import parse_babi
+from fednl.models.tokenizer import ByteTokenizer
 
 SHARED_BABI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "babi-en"
 
@@ -22,16 +23,6 @@ STORY = (
     "2 Sandra went to the bathroom.\n"
     "3 Where is Sandra? \tbathroom\t2\n"
 )
-
-
-class ByteTok:
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
 
 
 def write_babi(folder: Path, tasks=(1, 2), copies: int = 4) -> Path:
@@ -75,7 +66,7 @@ def test_facts_scattered_in_order_and_exact_answer(tmp_path):
     folder = write_babi(tmp_path / "babi")
     cfg = {"name": "babilong", "data_dir": str(folder), "tasks": [1, 2], "n_train": 6, "n_test": 3,
            "train_lengths": [1024], "test_lengths": [2048]}
-    task = build_task(cfg, ByteTok(), seed=0)
+    task = build_task(cfg, ByteTokenizer(), seed=0)
     assert task.kind == "qa" and [c.name for c in task.clients] == ["qa1", "qa2"]
     for c in task.clients:
         for ex in c.train + c.test:
@@ -87,8 +78,8 @@ def test_facts_scattered_in_order_and_exact_answer(tmp_path):
             length = ex.meta["context_length"]
             assert length - 32 <= ex.meta["n_tokens"] == len(ex.prompt.encode()) <= length
             assert len(context) > 700  # the facts sit inside book text
-    assert task_fingerprint(task) == task_fingerprint(build_task(cfg, ByteTok(), seed=0))
-    assert task_fingerprint(task) != task_fingerprint(build_task(cfg, ByteTok(), seed=1))
+    assert task_fingerprint(task) == task_fingerprint(build_task(cfg, ByteTokenizer(), seed=0))
+    assert task_fingerprint(task) != task_fingerprint(build_task(cfg, ByteTokenizer(), seed=1))
 
 
 def test_samples_longer_than_the_context_are_passed_over(tmp_path):
@@ -96,26 +87,26 @@ def test_samples_longer_than_the_context_are_passed_over(tmp_path):
     # Questions 1 and 3 of the story need ~75 bytes with their facts, question 2 ~135: at 120 tokens only
     # the short ones fit, so every drawn sample is a short one and the long ones are counted as skipped.
     task = build_task({"name": "babilong", "data_dir": str(folder), "tasks": [1], "n_train": 6, "n_test": 0,
-                       "train_lengths": [120]}, ByteTok(), 0)
+                       "train_lengths": [120]}, ByteTokenizer(), 0)
     assert {len(e.meta["facts"]) for e in task.clients[0].train} == {2}
     assert task.info["skipped_too_long"]["qa1/train"] >= 1
     with pytest.raises(ValueError, match=r"qa1_task-1_train\.txt: only 0 of the 8 requested samples .* fit"):
         build_task({"name": "babilong", "data_dir": str(folder), "tasks": [1], "n_train": 8, "n_test": 0,
-                    "train_lengths": [60]}, ByteTok(), 0)
+                    "train_lengths": [60]}, ByteTokenizer(), 0)
     # Just enough room for the facts and question: a context with (almost) no haystack, like BABILong's "0k".
     tight = build_task({"name": "babilong", "data_dir": str(folder), "tasks": [1], "n_train": 2, "n_test": 0,
-                        "train_lengths": [100]}, ByteTok(), 0)
+                        "train_lengths": [100]}, ByteTokenizer(), 0)
     assert all(e.meta["n_tokens"] <= 100 for e in tight.clients[0].train)
     with pytest.raises(ValueError, match="asked for 50 train samples"):
-        build_task({"name": "babilong", "data_dir": str(folder), "tasks": [1], "n_train": 50}, ByteTok(), 0)
+        build_task({"name": "babilong", "data_dir": str(folder), "tasks": [1], "n_train": 50}, ByteTokenizer(), 0)
     with pytest.raises(FileNotFoundError, match=r"qa3_\*_train\.txt"):
-        build_task({"name": "babilong", "data_dir": str(folder), "tasks": [3]}, ByteTok(), 0)
+        build_task({"name": "babilong", "data_dir": str(folder), "tasks": [3]}, ByteTokenizer(), 0)
 
 
 @pytest.mark.skipif(not SHARED_BABI.is_dir(), reason="shared bAbI data absent")
 def test_shared_babi_answers_match_the_source_lines():
     task = build_task({"name": "babilong", "data_dir": str(SHARED_BABI), "tasks": [1, 2], "n_train": 5, "n_test": 2,
-                       "train_lengths": [2048], "test_lengths": [2048]}, ByteTok(), 0)
+                       "train_lengths": [2048], "test_lengths": [2048]}, ByteTokenizer(), 0)
     for c in task.clients:
         for ex in c.train + c.test:
             fname, line = ex.meta["source"].rsplit(":", 1)

@@ -12,19 +12,9 @@ from fednl.data import ContextTooShort, Niah7Config, build_task, task_fingerprin
 from fednl.data.paths import SHARED_ENV
 from fednl.data.text import TokenCounter, load_books
 from fednl.data.tasks.niah7 import auto_length
+from fednl.models.tokenizer import ByteTokenizer
 
-
-class ByteTok:
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids) -> str:
-        return bytes(ids).decode(errors="replace")
-
-
-TOK = ByteTok()
+TOK = ByteTokenizer()
 NAME = r"[A-Z][a-z]+ [A-Z][a-z]+"
 # template -> (needle regex with (key, value) groups, question regex with the key group)
 KEYED = {
@@ -207,7 +197,7 @@ def test_haystack_folder_of_books(tmp_path):
 def test_auto_length_follows_the_tokenizer():
     books = load_books(None)
 
-    class FourChars(ByteTok):  # a sub-word-like tokenizer: one token per 4 characters
+    class FourChars(ByteTokenizer):  # a sub-word-like tokenizer: one token per 4 characters
         def encode(self, text):
             return list(range((len(text) + 3) // 4))
 
@@ -227,14 +217,14 @@ def test_config_validation():
     assert Niah7Config().n_train == 750 and Niah7Config().train_lengths == [1024, 2048, 4096]
 
 
-class PairTok(ByteTok):
+class PairTok(ByteTokenizer):
     """ceil(chars / 2) tokens: piece counts over-estimate the whole (exercises the exact-offset fallback)."""
 
     def encode(self, text):
         return list(range((len(text) + 1) // 2))
 
 
-class JoinTok(ByteTok):
+class JoinTok(ByteTokenizer):
     """One token per char plus one per ". ": joins create tokens pieces did not have (exercises trimming)."""
 
     def encode(self, text):

@@ -10,19 +10,10 @@ from fednl.data.bins import bin_means_reference
 from fednl.data.paths import SHARED_ENV
 from fednl.data.tasks.stream import cut_documents
 from fednl.data.text import TokenCounter, book_from_text
+from fednl.models.tokenizer import ByteTokenizer
 
 
-class ByteTok:
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
-
-
-class WordTok(ByteTok):
+class WordTok(ByteTokenizer):
     """One token per whitespace-separated word (a tokenizer whose counts are not bytes)."""
 
     def encode(self, text):
@@ -32,7 +23,7 @@ class WordTok(ByteTok):
 def test_documents_fill_the_length_and_follow_the_book():
     text = "\n\n".join(" ".join(f"Sentence {p}.{i} has a few words." for i in range(12)) for p in range(30))
     book = book_from_text("b", text)
-    docs = cut_documents(book, TokenCounter(ByteTok()), 200)
+    docs = cut_documents(book, TokenCounter(ByteTokenizer()), 200)
     assert len(docs) > 10
     for doc, n, _ in docs:
         assert n == len(doc.encode()) and 200 - 40 <= n <= 200
@@ -47,7 +38,7 @@ def test_documents_fill_the_length_and_follow_the_book():
 
 def test_stream_task_quickstart_is_embedded_and_deterministic(monkeypatch, tmp_path):
     monkeypatch.setenv(SHARED_ENV, str(tmp_path / "nowhere"))
-    task = build_task({"name": "stream", "quickstart": True}, ByteTok(), 0)
+    task = build_task({"name": "stream", "quickstart": True}, ByteTokenizer(), 0)
     assert task.kind == "text" and [c.name for c in task.clients] == [f"chesterton-thursday/part{i}" for i in (1, 2, 3)]
     for c in task.clients:
         assert (len(c.train), len(c.test)) == (16, 4)
@@ -56,18 +47,18 @@ def test_stream_task_quickstart_is_embedded_and_deterministic(monkeypatch, tmp_p
             assert ex.meta["n_tokens"] == len(ex.prompt.encode()) <= 256
         # test documents come after every training document of the client (the tail of its part)
         assert max(e.meta["book_piece"] for e in c.train) < min(e.meta["book_piece"] for e in c.test)
-    assert task_fingerprint(task) == task_fingerprint(build_task({"name": "stream", "quickstart": True}, ByteTok(), 1))
+    assert task_fingerprint(task) == task_fingerprint(build_task({"name": "stream", "quickstart": True}, ByteTokenizer(), 1))
 
 
 def test_books_by_name_and_errors(tmp_path):
     (tmp_path / "one.txt").write_text("Short text. " * 400)
     (tmp_path / "two.txt").write_text("Other words here. " * 400)
-    task = build_task({"name": "stream", "data_dir": str(tmp_path), "books": ["two"], "doc_length": 512}, ByteTok(), 0)
+    task = build_task({"name": "stream", "data_dir": str(tmp_path), "books": ["two"], "doc_length": 512}, ByteTokenizer(), 0)
     assert [c.name for c in task.clients] == ["two"] and task.info["books"] == ["two"]
     with pytest.raises(ValueError, match=r"book\(s\) \['three'\] not found; available: \['one', 'two'\]"):
-        build_task({"name": "stream", "data_dir": str(tmp_path), "books": ["three"]}, ByteTok(), 0)
+        build_task({"name": "stream", "data_dir": str(tmp_path), "books": ["three"]}, ByteTokenizer(), 0)
     with pytest.raises(ValueError, match="needs at least 2"):
-        build_task({"name": "stream", "data_dir": str(tmp_path / "one.txt"), "doc_length": 4096}, ByteTok(), 0)
+        build_task({"name": "stream", "data_dir": str(tmp_path / "one.txt"), "doc_length": 4096}, ByteTokenizer(), 0)
 
 
 def test_bins_by_hand():
