@@ -61,10 +61,7 @@ def build_parts(cfg: RunConfig, out: str | Path) -> RunParts:
         hf_config.use_cache = False  # training/eval never reuse a KV cache
     model.to(resolve_device(cfg.engine.device))
     strategy = cfg.method.build(groups=param_groups(model))
-    spec = RunSpec(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
-                   method=cfg.method.name, model_name=f"{cfg.model.source}/{model_spec.label}", config=cfg.to_dict(),
-                   run_config=cfg,
-                   server_opt=cfg.server_opt, screen=cfg.screen, robust=cfg.robust, dp=cfg.dp)
+    spec = RunSpec.from_config(cfg, out, model_name=f"{cfg.model.source}/{model_spec.label}")
     return RunParts(model, tokenizer, strategy, spec)
 
 

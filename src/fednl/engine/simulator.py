@@ -135,6 +135,13 @@ class RunSpec:
     robust: Any = None  # fednl.engine.robust.RobustConfig, or None
     dp: Any = None  # fednl.engine.dp.DPConfig (client-level DP), or None
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, out: str | Path, *, model_name: str) -> RunSpec:
+        """The spec of a run built from ``cfg``, which it carries (``run_config``) with its JSON form (``config``)."""
+        return cls(rounds=cfg.rounds, seed=cfg.seed, train=cfg.train, engine=cfg.engine, out=Path(out),
+                   method=cfg.method.name, model_name=model_name, config=cfg.to_dict(), run_config=cfg,
+                   server_opt=cfg.server_opt, screen=cfg.screen, robust=cfg.robust, dp=cfg.dp)
+
 
 class BudgetExhausted(Exception):
     """A message would take the run's traffic past ``engine.max_bytes``."""
