@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fednl.data.types import Example
-from fednl.eval.metrics import evaluate_examples, greedy_decode
+from fednl.client.metrics import evaluate_examples, greedy_decode
 from fednl.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -12,7 +12,7 @@ from fednl.client.state import ClientState
 from fednl.config import EngineConfig, TrainConfig
 from fednl.data.types import ClientData, FederatedTask
 from fednl.engine.simulator import RunSpec, Simulator, derive_seed, model_fingerprint
-from fednl.eval.metrics import evaluate_examples
+from fednl.client.metrics import evaluate_examples
 from fednl.strategies.fedavg import FedAvg
 from fednl.strategies.fednl import FedNL
 from test_engine_toy import ToyMemoryLM, mc_example, tokenizer, toy_task

@@ -19,7 +19,7 @@ from fednl.experiment import run_config
 from fednl.engine.runstate import load_checkpoint
 from fednl.eval.depth import depth_key, group_by_depth, merge_depths
 from fednl.eval.position import ce_by_position
-from fednl.eval.scoring import token_ce, token_ce_reference
+from fednl.client.scoring import token_ce, token_ce_reference
 from fednl.eval.protocol import _local_round, aggregation_drop, evaluate_run, load_run, summarise, write_eval
 from fednl.models.tokenizer import ByteTokenizer
 

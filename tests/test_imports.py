@@ -14,13 +14,10 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fednl"
 
-# The round loop's in-process clients (``fednl.engine.clients``) evaluate with ``fednl.eval.metrics`` while
-# ``fednl.eval.protocol`` / ``fednl.eval.memory`` (post-hoc evaluation of a finished run) rebuild runs with the
-# engine: the one edge left until the run-level evaluation leaves ``eval`` (or the scoring primitives move below
-# the engine). Each entry is (importing module prefix, imported top-level).
-PENDING: tuple[tuple[str, str], ...] = (
-    ("fednl.engine.clients", "eval"),
-)
+# Edges tolerated while a move is under way, as (importing module prefix, imported top-level). None: a client's
+# metrics and the scoring function live in ``fednl.client``, below the engine, and ``fednl.eval`` (evaluation of
+# finished runs) sits above it.
+PENDING: tuple[tuple[str, str], ...] = ()
 
 
 def module_name(path: Path) -> str:

@@ -10,8 +10,8 @@ import torch
 
 from fednl.client.batching import IGNORE, encode_cached
 from fednl.data.types import Example
-from fednl.eval.metrics import eval_mc, evaluate_examples
-from fednl.eval.scoring import McScore, mc_metrics, score_mc, score_mc_reference, token_ce, token_ce_reference
+from fednl.client.metrics import eval_mc, evaluate_examples
+from fednl.client.scoring import McScore, mc_metrics, score_mc, score_mc_reference, token_ce, token_ce_reference
 from fednl.models import ByteTokenizer, LoraConfig, MemoryConfig, ModelConfig, build_model
 
 

@@ -25,7 +25,7 @@ from fednl.client.state import ClientState
 from fednl.client.trainer import run_client_round
 from fednl.engine.executor import ClientExecutor, Federation, TrainJob, TrainReply
 from fednl.engine.wire import Wire
-from fednl.eval.metrics import PRIMARY_METRIC, eval_seq_len, evaluate_examples
+from fednl.client.metrics import PRIMARY_METRIC, eval_seq_len, evaluate_examples
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
 
 if TYPE_CHECKING:

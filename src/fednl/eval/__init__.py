@@ -1,5 +1,3 @@
-"""Evaluation: per-client metrics of the personalised model (global shared + local parameters)."""
-
-from fednl.eval.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, evaluate_examples
-
-__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "evaluate_examples"]
+"""Evaluation of finished runs: the protocol of ``fednl evaluate`` (views, aggregation drop, NIAH by depth, CE by
+position), the memory views of ``fednl memory-eval`` and ``fednl score``. A client's own metrics and the scoring
+function are in :mod:`fednl.client.metrics` and :mod:`fednl.client.scoring`."""

@@ -2,7 +2,7 @@
 
 Multiple-choice examples carrying ``meta["depth"]`` (the depth fraction of the queried needle, see
 :mod:`fednl.data.tasks.niah7`) are grouped by depth and scored with the ordinary metric
-(:func:`fednl.eval.metrics.evaluate_examples`, i.e. :func:`fednl.eval.scoring.score_mc`); examples without a
+(:func:`fednl.client.metrics.evaluate_examples`, i.e. :func:`fednl.client.scoring.score_mc`); examples without a
 depth (e.g. the counter template) are left out. :func:`depth_table` tabulates answers already scored (the
 evaluation protocol's position pass); :func:`merge_depths` pools several clients' tables, weighting each by its
 example count.
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from fednl.eval.metrics import evaluate_examples
-from fednl.eval.scoring import McScore
+from fednl.client.metrics import evaluate_examples
+from fednl.client.scoring import McScore
 
 
 def depth_key(depth: float) -> str:

@@ -154,7 +154,7 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
 
     from fednl.client.state import ClientState
     from fednl.engine.runstate import RunState
-    from fednl.eval.metrics import eval_seq_len
+    from fednl.client.metrics import eval_seq_len
     from fednl.eval.protocol import load_run
 
     sim, state = load_run(run_dir, log=log)

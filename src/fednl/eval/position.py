@@ -1,7 +1,7 @@
 """Streaming CE by position bin (paper Fig. 5): :func:`ce_by_position` runs a model over documents (or question
-prompts read as a stream), scores every token with :func:`fednl.eval.scoring.token_ce` and bins the per-token CE
+prompts read as a stream), scores every token with :func:`fednl.client.scoring.token_ce` and bins the per-token CE
 with :func:`fednl.data.bins.bin_means`; multiple-choice examples are answered in the same pass
-(:func:`fednl.eval.scoring.score_mc`).
+(:func:`fednl.client.scoring.score_mc`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from fednl.client.batching import IGNORE, collate, encode_cached
 from fednl.client.trainer import model_device, model_logits
 from fednl.data.bins import bin_means, relative_to_first
-from fednl.eval.scoring import score_mc, token_ce
+from fednl.client.scoring import score_mc, token_ce
 
 __all__ = ["ce_by_position", "place_token_ce", "position_grid", "token_ce"]
 
@@ -45,7 +45,7 @@ def ce_by_position(model: torch.nn.Module, tokenizer: Any, examples: Sequence[An
     ``text`` examples are scored on every token. Question examples (``mc``, ``qa``) are scored on their prompt
     tokens only — the prompt read as a stream (NIAH, paper Fig. 5) — and ``mc`` examples are also answered in
     the same forward pass: ``mc`` holds one ``{"correct", "answer_loglik", "depth"}`` per ``mc`` example, in
-    order (:func:`fednl.eval.scoring.score_mc`, as :func:`fednl.eval.metrics.eval_mc` scores them).
+    order (:func:`fednl.client.scoring.score_mc`, as :func:`fednl.client.metrics.eval_mc` scores them).
 
     Position ``t`` is the 0-based index of the *predicted* token in the document (the input at ``t - 1``
     predicts it), so the first scored token sits at position 1 of bin 0.

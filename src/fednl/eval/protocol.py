@@ -41,20 +41,14 @@ from typing import Any
 
 import torch
 
+from fednl.client.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC, eval_seq_len, evaluate_examples
+from fednl.client.scoring import McScore, mc_metrics
 from fednl.client.state import ClientState
 from fednl.engine.runstate import RunState, load_checkpoint
 from fednl.engine.simulator import Simulator
 from fednl.eval.depth import depth_table, evaluate_with_depths, merge_depths
-from fednl.eval.metrics import (
-    HIGHER_IS_BETTER,
-    PRIMARY_METRIC,
-    aggregation_drop,
-    eval_seq_len,
-    evaluate_examples,
-    summarise,
-)
 from fednl.eval.position import ce_by_position
-from fednl.eval.scoring import McScore, mc_metrics
+from fednl.eval.summary import aggregation_drop, summarise
 from fednl.models.titans import set_gate_override, set_memory_zero, titans_layers
 from fednl.records import (
     EVAL_NAME,

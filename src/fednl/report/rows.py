@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fednl.eval.metrics import summarise
+from fednl.eval.summary import summarise
 from fednl.report.load import RunRecord
 
 

@@ -1,19 +1,19 @@
-"""Per-client evaluation metrics (no gradient, deterministic); the scores come from :mod:`fednl.eval.scoring`.
+"""Per-client evaluation metrics (no gradient, deterministic): what a client computes on its own examples, in this
+process or on a Flower node. The scores come from :mod:`fednl.client.scoring`.
 
 * ``mc``   — ``accuracy``: argmax over the choice-letter tokens at the last prompt position;
              ``answer_loglik``: mean over examples of log p(gold letter | prompt) (full-vocabulary softmax)
-             (:func:`~fednl.eval.scoring.score_mc`).
+             (:func:`~fednl.client.scoring.score_mc`).
 * ``qa``   — ``exact_match``: greedy decoding of as many tokens as the gold answer has, compared after
              stripping whitespace; ``answer_loglik``: mean over examples of the mean per-token log-probability
              of the gold answer (teacher forcing).
-* ``text`` — ``ce``: token-weighted mean next-token cross-entropy (nats/token) (:func:`~fednl.eval.scoring.token_ce`).
+* ``text`` — ``ce``: token-weighted mean next-token cross-entropy (nats/token) (:func:`~fednl.client.scoring.token_ce`).
 Every result also carries ``n`` (examples scored). A client whose test set mixes kinds gets ``<kind>/``
 prefixes on the clashing metric names.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,11 +21,11 @@ import torch
 
 from fednl.client.batching import IGNORE, Encoded, Tokenizer, collate, encode_cached
 from fednl.client.trainer import model_device, selected_logits
-from fednl.eval.scoring import McScore, mc_metrics, score_mc, token_ce
-from fednl.records import HIGHER_IS_BETTER, PRIMARY_METRIC, Summary
+from fednl.client.scoring import McScore, mc_metrics, score_mc, token_ce
+from fednl.records import HIGHER_IS_BETTER, PRIMARY_METRIC
 
-__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "aggregation_drop", "eval_mc", "eval_qa", "eval_seq_len",
-           "eval_text", "evaluate_examples", "greedy_decode", "summarise"]
+__all__ = ["HIGHER_IS_BETTER", "PRIMARY_METRIC", "eval_mc", "eval_qa", "eval_seq_len", "eval_text",
+           "evaluate_examples", "greedy_decode"]
 
 
 def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
@@ -151,22 +151,3 @@ def evaluate_examples(
 def eval_seq_len(spec: Any) -> int:
     """Tokens per evaluated sequence of a run spec: ``engine.eval_seq_len``, else ``train.seq_len``."""
     return int(getattr(spec.engine, "eval_seq_len", None) or spec.train.seq_len)
-
-
-def summarise(per_client: dict[str, dict[str, float]], metric: str, *, higher_is_better: bool | None = None) -> Summary:
-    """Mean, worst client (min, or max for lower-is-better metrics) and population std of ``metric``."""
-    vals = {c: float(m[metric]) for c, m in per_client.items() if metric in m}
-    if not vals:
-        return Summary(metric=metric, mean=None, worst=None, worst_client=None, std=None, n_clients=0)
-    mean = sum(vals.values()) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals.values()) / len(vals))
-    hib = HIGHER_IS_BETTER.get(metric, True) if higher_is_better is None else higher_is_better
-    pick = min if hib else max
-    worst_client = pick(vals, key=lambda c: vals[c])
-    return Summary(metric=metric, mean=mean, worst=vals[worst_client], worst_client=worst_client, std=std,
-                   n_clients=len(vals))
-
-
-def aggregation_drop(local: float, aggregated: float, metric: str) -> float:
-    """``local - aggregated`` signed so that positive = aggregation hurt (``aggregated - local`` for CE)."""
-    return (local - aggregated) if HIGHER_IS_BETTER.get(metric, True) else (aggregated - local)

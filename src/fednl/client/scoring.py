@@ -1,5 +1,5 @@
-"""The one place where evaluation turns logits into scores; metrics, CE by position, NIAH by depth and the
-evaluation protocol all call it.
+"""The one place where evaluation turns logits into scores; a client's metrics (:mod:`fednl.client.metrics`),
+CE by position, NIAH by depth and the evaluation protocol (:mod:`fednl.eval`) all call it.
 
 * **Multiple choice** — :func:`score_mc`: for each example, the logits at its last prompt position ``[V]``;
   ``correct`` when the gold letter's logit is the largest among the choice letters' (``argmax``, ties to the first
