@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
@@ -58,7 +58,19 @@ class Record(BaseModel):
         return self.model_dump()
 
     @classmethod
-    def parse(cls, data: Any, *, source: str) -> Any:
+    def load(cls, path: str | Path) -> Self:
+        """The record in the JSON file ``path`` (``FileNotFoundError`` / :class:`RecordError` naming it)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        return cls.parse(read_json(path), source=str(path))
+
+    def write(self, path: str | Path) -> None:
+        """Write the record as indented JSON, atomically."""
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def parse(cls, data: Any, *, source: str) -> Self:
         """Validate a JSON object into this record; :class:`RecordError` names ``source`` and the bad fields."""
         if not isinstance(data, dict):
             raise RecordError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -258,16 +270,6 @@ class Results(Record):
     seed: int | None = None
     stopped: Stop | None = None
 
-    @classmethod
-    def load(cls, path: str | Path) -> Results:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        return cls.parse(read_json(path), source=str(path))
-
-    def write(self, path: str | Path) -> None:
-        atomic_write_json(path, self.to_json())
-
     def primary_metric(self) -> str:
         """The task's reported metric: the first of :data:`PRIMARY_METRIC`'s that the mean has."""
         for key in PRIMARY_METRIC.values():
@@ -369,16 +371,6 @@ class EvalReport(Record):
     depth: dict[str, DepthView]
     position: dict[str, PositionView]
     wall_s: float
-
-    @classmethod
-    def load(cls, path: str | Path) -> EvalReport:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        return cls.parse(read_json(path), source=str(path))
-
-    def write(self, path: str | Path) -> None:
-        atomic_write_json(path, self.to_json())
 
     def view_mean(self, view: str) -> float | None:
         """The mean of ``view``'s summary (``None`` when the view was not evaluated)."""

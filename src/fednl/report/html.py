@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fednl.util.atomic import atomic_write_text
+from fednl.engine.simulator import human_bytes
 from fednl.report import panels
 from fednl.report.load import RunRecord, load_run_dir
 from fednl.report.rows import results_rows
@@ -48,14 +49,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{float(v):.{digits}f}"
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GB"
-
-
 def _table(runs: Sequence[RunRecord]) -> str:
     head = ("run", "task", "metric", "mean ± std", "worst", "global", "memory off", "held-out", "agg. drop",
             "bytes / round", "wall s")
@@ -63,7 +56,7 @@ def _table(runs: Sequence[RunRecord]) -> str:
     for row in results_rows(runs):
         cells = [row["run"], row["task"], row["metric"], f"{_fmt(row['mean'])} ± {_fmt(row['std'])}",
                  _fmt(row["worst"]), _fmt(row["global"]), _fmt(row["memory_off"]), _fmt(row["heldout"]),
-                 _fmt(row["agg_drop"]), "–" if row["bytes_per_round"] is None else _human(row["bytes_per_round"]),
+                 _fmt(row["agg_drop"]), "–" if row["bytes_per_round"] is None else human_bytes(row["bytes_per_round"]),
                  _fmt(row["wall_s"], 1)]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     out.append("</table><p class='meta'>global / memory off / held-out / agg. drop come from eval.json "
