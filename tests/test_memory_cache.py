@@ -143,3 +143,18 @@ def test_refusals():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="padded batches"):
         m(ids, attention_mask=mask)
+
+
+def test_random_selection_twin_is_deterministic_text_independent_and_streams():
+    from fednl.models.titans import _position_hash
+
+    pos = torch.arange(10, 30)
+    a, b = _position_hash(pos, 3, 2), _position_hash(pos, 3, 2)
+    assert torch.equal(a, b) and a.shape == (1, 2, 20) and bool(((a >= 0) & (a < 1)).all())
+    assert not torch.equal(a, _position_hash(pos, 4, 2)) and not torch.equal(a[0, 0], a[0, 1])
+    m = _model(cache_select="random")
+    assert_stream_matches_full_forward(m, _ids(), pieces=(7, 1, 13, 2, 17, 8))
+    lm1, lm2 = StreamingLM(m), StreamingLM(_model(cache_select="random"))
+    lm1.feed(_ids(B=1, seed=1))
+    lm2.feed(_ids(B=1, seed=2))
+    assert torch.equal(lm1.streams[0].cache_pos, lm2.streams[0].cache_pos)  # the choice ignores the text

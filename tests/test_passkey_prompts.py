@@ -80,7 +80,7 @@ def test_bench_run_reports_every_condition(tmp_path, capsys):
     res = run(rule=str(rule), model="tiny", window=8, sinks=2, n=2, filler=30, threads=1, cache=4, depth=0.5,
               json_out=True)
     assert json.loads(capsys.readouterr().out) == res
-    assert list(res["conditions"]) == ["memory", "cache", "wider", "more_sinks", "window", "full"]
+    assert list(res["conditions"]) == ["memory", "cache", "random_cache", "wider", "more_sinks", "window", "full"]
     assert (res["window"], res["sinks"], res["cache"], res["depth"]) == (8, 2, 4, 0.5)
     assert all(0.0 <= c["digit_accuracy"] <= 1.0 for c in res["conditions"].values())
     with pytest.raises(ValueError, match="cache needs write"):

@@ -5,8 +5,8 @@ then asks for the key; the model answers greedily (streamed: the memory state, t
 carries). Digit accuracy is the fraction of the 5 digits right in position (chance 0.1). The conditions of
 :mod:`fednl.eval.memory` run on the same model and prompts: ``memory`` (the rule as trained), ``window`` (gate 0:
 window + sinks alone) and ``full`` (full attention, the ceiling); with a sparse cache (``cache`` > 0) also ``cache``
-(window + sinks + the cache, memory not mixed in) and its equal-budget twins ``wider`` (window + C) and
-``more_sinks`` (sinks + C). ``depth`` puts part of the filler before the key, so that extra sinks cannot hold it.
+(window + sinks + the cache, memory not mixed in) and its equal-budget twins ``random_cache`` (C evicted tokens
+not chosen by the memory), ``wider`` (window + C) and ``more_sinks`` (sinks + C). ``depth`` puts part of the filler before the key, so that extra sinks cannot hold it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run(*, rule: str = "default", model: str | None = None, window: int = 64, si
     net, tok, loaded = prepare(rule=rule, model=model, window=window, sinks=sinks, cache=cache, cache_every=cache_every)
     items = prompts(tok, n=n, filler=filler, seed=seed, depth=depth)
     if conditions is None:
-        conditions = (("memory", "cache", "wider", "more_sinks", "window", "full") if cache
+        conditions = (("memory", "cache", "random_cache", "wider", "more_sinks", "window", "full") if cache
                       else ("memory", "window", "full"))
     res: dict[str, Any] = {"rule": rule if loaded is None else str(loaded.origin), "window": window, "sinks": sinks,
                            "cache": cache, "cache_every": cache_every, "depth": depth, "n": n, "filler": filler,

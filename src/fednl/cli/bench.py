@@ -82,8 +82,8 @@ def bench_passkey(
     cache: int = typer.Option(0, min=0, help="sparse cache of N evicted tokens per KV head (memory.cache)"),
     cache_every: int = typer.Option(16, min=1, help="tokens between cache updates"),
     depth: float = typer.Option(0.0, min=0.0, max=0.99, help="fraction of the filler placed before the key"),
-    conditions: str | None = typer.Option(None, help="comma-separated subset of memory,cache,wider,more_sinks,zeroed,window,full "
-                                                     "(default: all that apply)"),
+    conditions: str | None = typer.Option(None, help="comma-separated subset of memory,cache,random_cache,wider,"
+                                                     "more_sinks,zeroed,window,full (default: all that apply)"),
 ) -> None:
     """Passkey digit accuracy with the key beyond the window: memory vs window + sinks vs full attention (and,
     with --cache, window + sinks + the sparse cache without the memory)."""

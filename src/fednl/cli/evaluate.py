@@ -36,12 +36,12 @@ def memory_eval(
                                                        "(memory.cache; inference only) and its 'cache' condition"),
     cache_every: int = typer.Option(16, "--cache-every", min=1, help="tokens between cache updates"),
     conditions: str | None = typer.Option(None, "--conditions", help="comma-separated subset of memory,zeroed,window,"
-                                          "full (and with --cache: cache,wider,more_sinks); default: all"),
+                                          "full (and with --cache: cache,random_cache,wider,more_sinks); default: all"),
 ) -> None:
     """CE inside vs beyond the window for the memory, its zeroed twin, window + sinks alone and full attention."""
     import json
 
-    from fednl.eval.memory import run_memory_views
+    from fednl.eval.memory import CACHE_CONDITIONS, CONDITIONS, run_memory_views
     from fednl.records import RESULTS_NAME, Results
     from fednl.util.atomic import atomic_write_text
 
@@ -53,7 +53,7 @@ def memory_eval(
         atomic_write_text(path, json.dumps(res, indent=1))
         p = res["pooled"]
         typer.echo(f"beyond position {p['ranges'][-1][0]}: " + "  ".join(
-            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in ("memory", "zeroed", "cache", "wider", "more_sinks", "window", "full") if c in p))
+            f"{c} {p[c]['ranges'][-1]['ce']:.4f}" for c in (*CONDITIONS, *CACHE_CONDITIONS) if c in p))
         if "gain_inside" in p:
             typer.echo(f"gain inside {p['gain_inside']:+.4f}  beyond {p['gain_beyond']:+.4f}  carried "
                        f"{p['carried']:+.4f}" + (f"  gap closed {100 * p['gap_closed']:.1f} %" if "gap_closed" in p

@@ -10,7 +10,8 @@ examples token by token under four conditions that differ in one part only:
 
 A model with a sparse cache (``memory.cache`` = C) has three more, all with the memory not mixed in (gate 0):
 ``cache`` (window + sinks + the cache), and two twins that spend the same C extra key/value slots without the
-memory's choice: ``wider`` (window W + C, sinks) and ``more_sinks`` (window W, sinks + C: the first tokens).
+memory's choice: ``random_cache`` (C evicted tokens chosen by a fixed hash of position and head), ``wider``
+(window W + C, sinks) and ``more_sinks`` (window W, sinks + C: the first tokens).
 ``window`` and ``full`` turn the cache off, so the window + sinks baseline stays the same.
 
 CE is reported per position range (default ``[1, W)`` inside the window, ``[W, 256)``, ``[256, end)`` beyond) and
@@ -34,7 +35,7 @@ from fednl.eval.position import place_token_ce, position_grid, token_ce
 
 CONDITIONS = ("memory", "zeroed", "window", "full")
 CACHE_CONDITION = "cache"
-CACHE_CONDITIONS = (CACHE_CONDITION, "wider", "more_sinks")
+CACHE_CONDITIONS = (CACHE_CONDITION, "random_cache", "wider", "more_sinks")
 
 
 @contextlib.contextmanager
@@ -49,12 +50,15 @@ def condition(model: torch.nn.Module, name: str) -> Iterator[None]:
         raise ValueError(f"unknown condition {name!r}; expected one of {(*CONDITIONS, *CACHE_CONDITIONS)}")
     if name in CACHE_CONDITIONS and not any(layer.cache_size for layer in layers):
         raise ValueError(f"condition {name!r} needs a model with a sparse cache (memory.cache > 0)")
-    saved = [(layer.window, layer.sinks, layer.gate_override, layer.memory_zero, layer.cache_size) for layer in layers]
+    saved = [(layer.window, layer.sinks, layer.gate_override, layer.memory_zero, layer.cache_size, layer.cache_select)
+             for layer in layers]
     for layer in layers:
         if name == "zeroed":
             layer.memory_zero = True
         elif name != "memory":
             layer.gate_override = 0.0
+        if name == "random_cache":
+            layer.cache_select = "random"
         if name == "wider" and layer.window is not None:
             layer.window += layer.cache_size
         elif name == "more_sinks" and layer.window is not None:
@@ -66,9 +70,10 @@ def condition(model: torch.nn.Module, name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, (window, sinks, override, zero, cache) in zip(layers, saved):
+        for layer, (window, sinks, override, zero, cache, select) in zip(layers, saved):
             layer.window, layer.sinks, layer.gate_override, layer.memory_zero, layer.cache_size = (
                 window, sinks, override, zero, cache)
+            layer.cache_select = select
 
 
 @torch.no_grad()

@@ -125,6 +125,8 @@ class MemoryConfig(BaseModel):
       and the ``cache`` highest-scoring evicted tokens of each KV head stay visible to the softmax path. No
       parameters; the state stays bounded (``cache + 2 window + cache_every`` tokens). ``0`` (default) = off.
       Needs ``write = "evicted"``. An inference-time option: attention transfer refuses it.
+      ``cache_select = "random"`` keeps a pseudo-random choice of evicted tokens instead (a fixed hash of the
+      position and head): the twin that removes only the memory's choice.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -150,6 +152,7 @@ class MemoryConfig(BaseModel):
     init_rule: str | None = None
     cache: int = Field(0, ge=0)
     cache_every: int = Field(16, ge=1)
+    cache_select: Literal["surprise", "random"] = "surprise"
 
     @model_validator(mode="after")
     def _check_design(self) -> MemoryConfig:

@@ -45,7 +45,7 @@ SUFFIX = ".safetensors"
 RULE_GROUPS: tuple[str, ...] = ("rule", "gate")
 #: Memory-config fields that describe how the model is run, not what the rule's parameters mean.
 RUNTIME_FIELDS: frozenset[str] = frozenset({"attn_window", "attn_sinks", "gate_override", "mode", "chunk_size",
-                                            "init_rule", "cache", "cache_every"})
+                                            "init_rule", "cache", "cache_every", "cache_select"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

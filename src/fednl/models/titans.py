@@ -221,6 +221,7 @@ class TitansAttention(nn.Module):
         self.sinks = cfg.sinks
         self.cache_size = int(cfg.cache)  # evicted tokens kept per KV head (0: no sparse cache)
         self.cache_every = int(cfg.cache_every)
+        self.cache_select = cfg.cache_select
         self.gate_override: float | None = cfg.gate_override
         self.memory_zero = False  # True: the memory output is forced to zero (the "zeroed-memory twin")
         self.transfer = False  # True: attention-transfer mode (see forward)
@@ -494,7 +495,10 @@ class TitansAttention(nn.Module):
                     st.ring, st.ring_pos = tuple(t.index_select(2, rest) for t in st.ring), st.ring_pos[rest]
                 else:
                     st.ring = st.ring_pos = None
-                score = self._surprise(k_hat, v, st.scored_state)
+                if self.cache_select == "random":
+                    score = _position_hash(pos, self.layer_idx, k_hat.shape[1]).expand(k_hat.shape[0], -1, -1)
+                else:
+                    score = self._surprise(k_hat, v, st.scored_state)
                 B, Hkv, L = score.shape
                 pos = pos.view(1, 1, L).expand(B, Hkv, L)
                 if st.cache_k is not None:
@@ -586,6 +590,14 @@ class TitansAttention(nn.Module):
             f"decay={c.decay}, gate={c.gate}/{c.gate_granularity}/{c.gate_source}, window={self.window}, "
             f"sinks={self.sinks}, write={c.write}, mix={c.mix}" + (f", cache={self.cache_size}" if self.cache_size else "")
         )
+
+
+def _position_hash(pos: torch.Tensor, layer: int, heads: int) -> torch.Tensor:
+    """``[1, heads, L]`` pseudo-random scores in [0, 1) from the absolute positions, the layer and the head: the same
+    in a stream and a full forward, and independent of the text (the random-selection twin of the cache)."""
+    h = torch.arange(heads, device=pos.device, dtype=torch.float64)[:, None]
+    x = torch.sin(pos.double()[None, :] * 12.9898 + h * 78.233 + float(layer) * 37.719) * 43758.5453
+    return (x - torch.floor(x)).float()[None]
 
 
 def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
