@@ -52,17 +52,18 @@ def test_topk_both_ways_counts_sparse_bytes_keeps_state_and_resumes(tmp_path) ->
 
 def test_budget_stops_cleanly_after_the_last_round_that_fits(tmp_path) -> None:
     lines: list[str] = []
-    # a fp32 round of 3 clients is 6 * 1032 = 6192 B; round 2 would reach 9288 B at its third message
+    # a fp32 round of 3 clients is 6 * 1032 = 6192 B; round 2 would reach 9288 B at its third message, the third
+    # client's downlink (a round sends every sampled client its payload before any reply comes back)
     res = toy_sim(tmp_path, "fednl", rounds=3, engine={"max_bytes": 9000}, log=lines.append).run()
     assert res["stopped"] == {"reason": "max_bytes", "max_bytes": 9000, "bytes": 6192, "rounds_completed": 1,
-                              "round": 2, "bytes_needed": 3 * FP32_MSG + 6192, "message": "down client1"}
+                              "round": 2, "bytes_needed": 3 * FP32_MSG + 6192, "message": "down client2"}
     assert res["comm"]["bytes_up"] + res["comm"]["bytes_down"] == 6192 and len(res["comm"]["per_round"]) == 1
     assert set(res["clients"]) == {"client0", "client1", "client2"}  # round 1's model was evaluated
     assert json.loads((tmp_path / "results.json").read_text())["stopped"]["rounds_completed"] == 1
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["type"] for r in recs if r["round"] == 1][0] == "round"
     assert recs[-1]["type"] == "stop" and {r["round"] for r in recs if r["type"] == "eval"} == {1}
-    assert lines[-1].startswith("stopped: the downlink payload of client1 in round 2 would bring the traffic to "
+    assert lines[-1].startswith("stopped: the downlink payload of client2 in round 2 would bring the traffic to "
                                 "9,288 B, past engine.max_bytes = 9,000 B; results cover rounds 1-1 (6,192 B)")
     st = final(tmp_path)
     assert st.round == 1 and st.info["stopped"]["round"] == 2
