@@ -21,6 +21,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ Fault = Callable[[int, TrainJob, TrainReply, random.Random], TrainReply | None]
 
 
 def _rewrite(reply: TrainReply, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TrainReply:
-    return TrainReply(reply.cid, Payload({n: fn(n, t) for n, t in reply.payload.tensors.items()},
-                                         dict(reply.payload.meta)), reply.num_examples, dict(reply.metrics))
+    return replace(reply, payload=Payload({n: fn(n, t) for n, t in reply.payload.tensors.items()},
+                                          dict(reply.payload.meta)))
 
 
 def _delta_fault(scale: Callable[[torch.Tensor, torch.Tensor, random.Random], torch.Tensor]) -> Fault:

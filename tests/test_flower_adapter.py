@@ -210,8 +210,8 @@ class CrashingGrid(LocalGrid):
         super().__init__(*args, **kwargs)
         self.crash_round = str(crash_round)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
         if replies and replies[0].metadata.group_id == self.crash_round:
             replies[-1] = Message(Error(code=2, reason="node crashed"), reply_to=self.delivered[-1])
         return replies

@@ -23,7 +23,7 @@ from fednl.experiment import build_simulator  # noqa: E402
 from fednl.flower.codec import decode_payload, encode_payload  # noqa: E402
 from fednl.flower.launch import AppSettings, run_local  # noqa: E402
 from fednl.flower.node import handle_evaluate, handle_query, handle_train  # noqa: E402
-from fednl.flower.protocol import REPLY, RunRecord  # noqa: E402
+from fednl.flower.protocol import ANSWER, REPLY, RunRecord  # noqa: E402
 from fednl.strategies.base import Payload  # noqa: E402
 from flower_tiny import tiny_config  # noqa: E402
 
@@ -42,6 +42,7 @@ def hostile_client_app(corrupt: Callable[[Payload], Payload]) -> ClientApp:
             return reply
         content = encode_payload(corrupt(decode_payload(reply.content)))
         content[REPLY] = reply.content[REPLY]
+        content[ANSWER] = reply.content[ANSWER]  # it answers its job, with a poisoned payload
         return Message(content, reply_to=msg)
 
     app = ClientApp()

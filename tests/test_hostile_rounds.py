@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def hostile_sim(out: Path, *, method: str = "fedavg", rounds: int = 2, n_clients
 
 def rewrite(reply: TrainReply, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TrainReply:
     tensors = {n: fn(n, t) for n, t in reply.payload.tensors.items()}
-    return TrainReply(reply.cid, Payload(tensors, dict(reply.payload.meta)), reply.num_examples, dict(reply.metrics))
+    return replace(reply, payload=Payload(tensors, dict(reply.payload.meta)))
 
 
 def nan_first(n: str, t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,8 @@ ATTACKS: dict[str, tuple[Callable[[TrainReply], TrainReply], str]] = {
     "inf": (lambda r: rewrite(r, lambda n, t: torch.full_like(t, float("inf"))), "nonfinite"),
     "shape": (lambda r: rewrite(r, lambda n, t: torch.full((t.numel() + 1,), POISON)), "shape"),
     "dtype": (lambda r: rewrite(r, lambda n, t: torch.full(t.shape, 7, dtype=torch.int64)), "dtype"),
-    "names": (lambda r: TrainReply(r.cid, Payload({**r.payload.tensors, "evil": torch.tensor([POISON])}),
-                                   r.num_examples, dict(r.metrics)), "names"),
+    "names": (lambda r: replace(r, payload=Payload({**r.payload.tensors, "evil": torch.tensor([POISON])})),
+              "names"),
     "huge": (lambda r: rewrite(r, lambda n, t: t * POISON), "norm"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,23 @@ def test_missing_pieces_are_clear_errors(tmp_path) -> None:
     (ck / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable manifest.json"):
         make(tmp_path / "run").run(resume=True)
-    (ck.parent / "LATEST").unlink()
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        make(tmp_path / "run").run(resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         make(tmp_path / "never-ran").run(resume=True)
+
+
+def test_a_run_without_a_checkpoint_resumes_from_round_zero(tmp_path) -> None:
+    """No ``LATEST`` yet (killed before the first checkpoint was complete): ``resume`` starts from round 0 in
+    the same folder and ends like the straight run; a folder with results but no checkpoint is refused."""
+    make(tmp_path / "straight").run()
+    ck = _broken_copy(tmp_path)
+    (ck.parent / "LATEST").unlink()
+    lines: list[str] = []
+    make(tmp_path / "run", log=lines.append).run(resume=True)
+    assert any("no checkpoint was written yet, starting from round 0" in ln for ln in lines)
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match="holds results.json but no checkpoint"):
+        make(tmp_path / "run").run(resume=True)
 
 
 def test_resume_refuses_a_different_config_or_model(tmp_path) -> None:

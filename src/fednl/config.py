@@ -176,6 +176,13 @@ class EngineConfig(BaseModel):
     ``wire_up`` / ``wire_down`` pick a codec per direction (:class:`fednl.engine.codecs.WireSpec`: ``"fp16"``,
     ``"int8"``, ``"int8-row"``, ``"topk-0.01"`` ...); unset, a direction casts to ``wire_dtype``. ``max_bytes``
     ends the run cleanly after the last round that fits in that many bytes of traffic (both directions).
+
+    Drop-outs and stragglers (docs/ROBUSTNESS.md): ``dropout`` is the fraction of each round's sampled clients that
+    are offline for the round (``round(dropout × sampled)`` of them, drawn from a generator seeded by the run seed
+    and the round, so a resume drops the same ones); ``deadline_s`` is how long a client may take to answer (a
+    later answer is discarded and the client counts as dropped; on Flower it is the round timeout);
+    ``min_clients`` is the fewest updates that must pass screening for a round to be aggregated (a round below it
+    is skipped: the global state stays, the reason is recorded). Unset, they are off (``min_clients``: 1).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -184,6 +191,9 @@ class EngineConfig(BaseModel):
     wire_up: WireSpec | None = None
     wire_down: WireSpec | None = None
     max_bytes: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)  # fraction of the sampled clients offline each round
+    deadline_s: float | None = Field(None, gt=0)  # a reply later than this is discarded (Flower: round timeout)
+    min_clients: int | None = Field(None, ge=1)  # fewest accepted updates to aggregate a round (default 1)
     eval_every: int = Field(0, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)  # default: train.batch_size
     eval_seq_len: int | None = Field(None, ge=2)  # default: train.seq_len (evaluate longer streams than you train on)

@@ -136,7 +136,7 @@ def run_suite(cfgs: Sequence[RunConfig], out: str | Path, *, resume: bool = Fals
     return results
 
 
-RUN_OUTPUTS = ("checkpoint", "metrics.jsonl", RESULTS_NAME, RESOLVED_NAME, "comparison.json")
+RUN_OUTPUTS = ("checkpoint", "journal", "metrics.jsonl", RESULTS_NAME, RESOLVED_NAME, "comparison.json")
 
 
 def holds_run(out: str | Path) -> bool:

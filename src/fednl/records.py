@@ -17,6 +17,7 @@ evaluation report and its parts are closed.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -101,10 +102,12 @@ def read_json(path: str | Path) -> Any:
 # ---------------------------------------------------------------------------------------------- metrics.jsonl
 class RoundRecord(Record):
     """round record: one line of metrics.jsonl per finished round. ``dropped``: sampled clients that did not
-    answer; ``rejected`` / ``clipped`` / ``krum_dropped`` / ``dp``: what the update guard did (only when it did)."""
+    answer, ``dropped_reason`` why (``dropout``, ``deadline: ...``, ``node unavailable: ...``); ``rejected`` /
+    ``clipped`` / ``krum_dropped`` / ``dp``: what the update guard did (only when it did); ``skipped``: the round
+    was not aggregated (fewer accepted updates than ``engine.min_clients``)."""
 
     model_config = ConfigDict(extra="allow")
-    OMIT_NONE = ("dropped", "rejected", "clipped", "krum_dropped", "dp")
+    OMIT_NONE = ("dropped", "dropped_reason", "rejected", "clipped", "krum_dropped", "dp", "skipped")
 
     type: Literal["round"] = "round"
     round: int
@@ -116,10 +119,12 @@ class RoundRecord(Record):
     peak_mem_mb: float
     client_train: dict[str, Metrics]
     dropped: list[str] | None = None
+    dropped_reason: dict[str, str] | None = None
     rejected: list[dict[str, Any]] | None = None
     clipped: dict[str, float] | None = None
     krum_dropped: list[str] | None = None
     dp: dict[str, Any] | None = None
+    skipped: dict[str, Any] | None = None
 
 
 class EvalRecord(Record):
@@ -217,10 +222,13 @@ def read_metrics(path: str | Path) -> tuple[list[RoundRecord], list[EvalRecord],
 
 
 def append_metrics(path: str | Path, records: Sequence[Record]) -> None:
-    """Append records to a metrics.jsonl, one sorted-key JSON object per line."""
+    """Append records to a metrics.jsonl, one sorted-key JSON object per line, in one write (a process killed
+    mid-write leaves at most a torn last line, which a resume drops)."""
+    text = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 # ---------------------------------------------------------------------------------------------- results.json

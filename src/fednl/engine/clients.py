@@ -15,6 +15,7 @@ It holds no data: each call gets the client's examples.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,11 @@ class ClientRuntime:
 
 class InProcessExecutor(ClientExecutor):
     """Every client of ``task`` in this process, one after the other, on the runtime's one model. Their
-    :class:`ClientState` lives in the run state (``state.clients``), so the server's checkpoint holds it."""
+    :class:`ClientState` lives in the run state (``state.clients``), so the server's checkpoint holds it.
+
+    ``engine.deadline_s``: the clients of a round stand for clients training side by side, so each one's own
+    training time is compared with the deadline; a client that took longer trained (its state moved on, as a
+    real straggler's would) but its reply is discarded and it counts as dropped (``deadline: ...``)."""
 
     def __init__(self, runtime: ClientRuntime, task: FederatedTask):
         self.runtime, self.task = runtime, task
@@ -120,12 +125,20 @@ class InProcessExecutor(ClientExecutor):
 
     def train(self, rnd: int, jobs: Sequence[TrainJob], state: RunState) -> list[TrainReply]:
         show = bool(self.runtime.spec.engine.progress) and sys.stderr.isatty()
+        deadline = self.runtime.spec.engine.deadline_s
         replies = []
         for job in tqdm(jobs, desc=f"round {rnd}", unit="client", leave=False, disable=not show):
+            t0 = time.perf_counter()
             up, reply = self.runtime.round(rnd, job.cid, job.payload, state.clients[job.cid],
                                            self.data[job.cid].train, initial_local=state.initial_local,
                                            seeds=job.seeds)
-            replies.append(TrainReply(job.cid, up, reply.num_examples, dict(reply.metrics)))
+            took = time.perf_counter() - t0
+            if deadline is not None and took > deadline:
+                self.missed(job.cid, f"deadline: answered after {took:.2f} s > engine.deadline_s {deadline:g} s")
+                continue
+            answer = TrainReply(job.cid, up, reply.num_examples, dict(reply.metrics), round=rnd, nonce=job.nonce)
+            self.arrived(answer)
+            replies.append(answer)
         return replies
 
     def evaluate(self, rnd: int, cids: Sequence[str], state: RunState) -> dict[str, dict[str, float]]:

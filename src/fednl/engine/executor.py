@@ -7,7 +7,13 @@ the clients' work to an executor through two calls:
 * ``train(rnd, jobs, state) -> replies``: one :class:`TrainJob` per sampled client, carrying the wire-encoded
   downlink payload and the client's two seeds; each :class:`TrainReply` carries the wire-encoded uplink payload.
   An executor may answer only a subset of the jobs (a client dropped out, missed a deadline); the loop then
-  aggregates over the clients that answered and counts no uplink bytes for the others.
+  aggregates over the clients that answered and counts no uplink bytes for the others. An executor says why a job
+  got no reply with :meth:`ClientExecutor.missed` (recorded in the round's ``dropped_reason``), and hands every
+  reply to :meth:`ClientExecutor.arrived` the moment it comes in: the loop stores it on disk there, so a run
+  killed in the middle of a round does not train that client again when it resumes.
+* Every job carries the round and a nonce; a reply must carry both back (``TrainReply.round`` / ``nonce``). The
+  loop refuses a reply for another round (check ``stale``), one whose nonce is not its job's, a second reply for
+  one job, and a reply nobody asked for (check ``replay``).
 * ``evaluate(rnd, cids, state) -> metrics``: the metrics of each client's model after round ``rnd`` — a training
   client's personalised model on its test split, a held-out client's global model on all its examples.
 
@@ -21,7 +27,7 @@ order sampling sees them), which have a test split, the held-out ones, and the t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,21 +39,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One client's local round: the wire-encoded downlink payload and its ``(shuffling, torch)`` seeds."""
+    """One client's local round: the wire-encoded downlink payload, its ``(shuffling, torch)`` seeds and the
+    job's nonce (the reply must echo it)."""
 
     cid: str
     payload: Payload
     seeds: tuple[int, int]
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A client's answer as it crossed the wire: the wire-encoded uplink payload, N_k and training metrics."""
+    """A client's answer as it crossed the wire: the wire-encoded uplink payload, N_k, training metrics, and the
+    round and nonce of the job it answers (a reply that does not state them is refused as stale)."""
 
     cid: str
     payload: Payload
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    round: int = 0
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,25 @@ class ClientExecutor(ABC):
     """
 
     federation: Federation
+    on_reply: Callable[[TrainReply], None] | None = None  # set by the round loop around each ``train`` call
+
+    def arrived(self, reply: TrainReply) -> None:
+        """Hand ``reply`` to the round loop as soon as it came in (before the other jobs are done)."""
+        if self.on_reply is not None:
+            self.on_reply(reply)
+
+    def missed(self, cid: str, reason: str) -> None:
+        """Record why client ``cid`` gave no reply in this ``train`` call (a deadline, a node gone)."""
+        self.__dict__.setdefault("missing", {})[cid] = reason
 
     def start(self, state: RunState, *, resumed: bool) -> None:
         """Called once before the first round of a session (``resumed``: ``state`` came from a checkpoint)."""
         del state, resumed
+
+    def reused(self, rnd: int, cids: Sequence[str]) -> None:
+        """The replies of ``cids`` in round ``rnd`` were taken from the journal of a killed session (they crossed
+        then): an executor that keeps its own records of the traffic can restore theirs."""
+        del rnd, cids
 
     @abstractmethod
     def train(self, rnd: int, jobs: Sequence[TrainJob], state: RunState) -> list[TrainReply]:

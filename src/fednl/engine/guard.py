@@ -71,6 +71,7 @@ class GuardStep:
     krum_dropped: list[str] = field(default_factory=list)
     median_norm: float | None = None
     privacy: dict[str, Any] | None = None  # ClientDP.spent() after the round's release (DP runs)
+    skipped: dict[str, Any] | None = None  # the round was not aggregated (engine.min_clients): why, with numbers
 
     def to_record(self) -> dict[str, Any]:
         """The round record's fields for ``metrics.jsonl``: only what happened (a plain round adds nothing)."""
@@ -83,6 +84,8 @@ class GuardStep:
             out["krum_dropped"] = list(self.krum_dropped)
         if self.privacy is not None:
             out["dp"] = dict(self.privacy)
+        if self.skipped is not None:
+            out["skipped"] = dict(self.skipped)
         return out
 
     def summary(self) -> str:
@@ -97,6 +100,8 @@ class GuardStep:
     def console(self) -> str:
         """What the round's console line gets appended (`` | ε 1.23 | rejected c3 (nonfinite: ...)``)."""
         parts = []
+        if self.skipped is not None:
+            parts.append(f"skipped: {self.skipped['message']}")
         if self.privacy is not None:
             parts.append(f"ε {self.privacy['epsilon']:.3g} (δ {self.privacy['delta']:g})")
         if self.summary():

@@ -15,7 +15,7 @@ Layout under ``<out>/checkpoint/``::
       clients/c0000.safetensors/.json ...   every client's ClientState
 
 A checkpoint directory is first written as ``round-0003.tmp-<pid>``, renamed when complete, and only then
-named in ``LATEST``. Loading verifies every file of the manifest (presence, size, sha256): a truncated or
+named in ``LATEST``; temporary folders left by a killed process are removed by the next save. Loading verifies every file of the manifest (presence, size, sha256): a truncated or
 corrupted checkpoint raises ``ValueError`` naming the file — never a silent restart.
 """
 
@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 
 from fednl.client.state import ClientState
 from fednl.util.atomic import atomic_write_text
+from fednl.util.faults import kill_point
 from fednl.engine.ledger import Ledger
 from fednl.strategies.base import Params
 
@@ -115,6 +116,7 @@ def save_checkpoint(root: str | os.PathLike[str], state: RunState, *, keep: int 
     put("engine.json", (json.dumps(state.engine_info, sort_keys=True, indent=2) + "\n").encode())
     rng = {} if state.torch_rng is None else {"torch_cpu": state.torch_rng}
     put("rng.safetensors", _tensor_blob(rng))
+    kill_point("checkpoint_writing", state.round)
     run = {
         "round": state.round,
         "schedule": state.schedule,
@@ -130,11 +132,14 @@ def save_checkpoint(root: str | os.PathLike[str], state: RunState, *, keep: int 
     if final.exists():  # left by a crash between the rename and the LATEST update
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kill_point("checkpoint_renamed", state.round)
     atomic_write_text(root / LATEST, name + "\n")
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-") and ".tmp-" not in p.name)
     for old in done[:-keep] if keep > 0 else []:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("round-*.tmp-*"):  # left by a process killed while writing a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

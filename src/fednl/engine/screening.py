@@ -15,6 +15,14 @@ A reply is *rejected* — left out of the round, never touching the global state
 The first five are always on: a malformed or non-finite update is dropped and the round goes on with the rest.
 The norm check is off by default (``[screen] norm_k = 10`` turns it on).
 
+Before these, :func:`check_fresh` refuses replies that do not answer one of the round's jobs (always on):
+
+=================  ==============================================================================================
+``stale``          the reply answers another round (its ``round`` is not the round in progress)
+``replay``         its nonce is not its job's, it is a second reply to one job, or no job of the round was sent to
+                   that client
+=================  ==============================================================================================
+
 * The update norm is taken over the names the reply shares with its reference (the parameters the client was
   sent); extra reply tensors a strategy defines (SCAFFOLD's control-variate deltas) are checked for name, shape,
   dtype and finiteness only.
@@ -30,16 +38,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fednl.engine.executor import TrainReply
 from fednl.strategies.base import ClientReply, Params
 
-CHECKS = ("num_examples", "names", "shape", "dtype", "nonfinite", "norm")
+CHECKS = ("stale", "replay", "num_examples", "names", "shape", "dtype", "nonfinite", "norm")
 
 
 class ScreenConfig(BaseModel):
@@ -90,6 +99,30 @@ class ScreenResult:
     rejected: list[Rejection]
     norms: dict[str, float] = field(default_factory=dict)  # cid -> ||Δ|| of every structurally valid reply
     median_norm: float | None = None
+
+
+def check_fresh(rnd: int, nonces: Mapping[str, str], replies: Sequence[TrainReply]
+                ) -> tuple[dict[str, TrainReply], list[tuple[TrainReply, Rejection]]]:
+    """Split ``replies`` into the one fresh answer per job of round ``rnd`` (``nonces``: client -> its job's
+    nonce) and the refused ones, each with its :class:`Rejection` (``stale`` or ``replay``), in arrival order."""
+    fresh: dict[str, TrainReply] = {}
+    refused: list[tuple[TrainReply, Rejection]] = []
+    for r in replies:
+        if r.cid not in nonces:
+            refused.append((r, Rejection(r.cid, "replay", f"round {rnd} sent no job to client {r.cid!r}",
+                                         {"round": r.round})))
+        elif r.round != rnd:
+            refused.append((r, Rejection(r.cid, "stale", f"the reply answers round {r.round}, not round {rnd}",
+                                         {"round": r.round, "expected": rnd})))
+        elif r.nonce != nonces[r.cid]:
+            refused.append((r, Rejection(r.cid, "replay", "the reply's nonce is not its job's",
+                                         {"nonce": str(r.nonce)[:32]})))
+        elif r.cid in fresh:
+            refused.append((r, Rejection(r.cid, "replay", f"a second reply to the round-{rnd} job of {r.cid!r}",
+                                         {"round": r.round})))
+        else:
+            fresh[r.cid] = r
+    return fresh, refused
 
 
 def update_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:

@@ -12,7 +12,14 @@ Determinism: client sampling uses a seeded :class:`random.Random` whose state is
 (round, client) trains with a torch generator (shuffling) and a forked global torch RNG seeded from
 ``sha256(seed, round, cid)``, so the result does not depend on what ran before in the process or where the
 client runs. After every round the full run state is checkpointed (:mod:`fednl.engine.runstate`), and
-``resume=True`` continues from the newest checkpoint to a bit-identical end.
+``resume=True`` continues from the newest checkpoint to a bit-identical end — from wherever the run was killed:
+every reply is stored as it arrives (:mod:`fednl.engine.journal`) and reused when the round is run again, and a run
+killed before its first checkpoint starts again from round 0 (reusing the replies it stored).
+
+Faults (docs/ROBUSTNESS.md): ``engine.dropout`` takes a seeded fraction of each round's sampled clients offline;
+an executor may return fewer replies than jobs (``engine.deadline_s``, a node gone); every reply must carry its
+job's round and nonce (:func:`~fednl.engine.screening.check_fresh`: ``stale`` / ``replay`` are refused); a round
+with fewer accepted updates than ``engine.min_clients`` is skipped (recorded, the global state unchanged).
 
 Every payload crosses the wire (the run's codec per direction) and is counted by the ledger when it crosses: a
 round's downlink payloads when they are sent, an uplink payload when its reply arrives (a client that does not
@@ -39,9 +46,10 @@ from fednl.client.state import ClientState
 from fednl.engine.clients import ClientRuntime, InProcessExecutor
 from fednl.engine.executor import ClientExecutor, TrainJob, TrainReply
 from fednl.engine.guard import GuardStep, UpdateGuard
-from fednl.engine.screening import Rejection
+from fednl.engine.journal import JOURNAL_DIR, ReplyJournal, payload_digest
+from fednl.engine.screening import Rejection, check_fresh
 from fednl.engine.ledger import group_index
-from fednl.engine.runstate import RunState, load_checkpoint, save_checkpoint
+from fednl.engine.runstate import LATEST, RunState, load_checkpoint, save_checkpoint
 from fednl.engine.wire import Wire, payload_bytes
 from fednl.records import (
     RESULTS_NAME,
@@ -57,6 +65,7 @@ from fednl.records import (
 from fednl.strategies.base import ClientReply, Params, Payload, Strategy, StrategyError
 from fednl.strategies.server_opt import server_step
 from fednl.util.atomic import atomic_write_text
+from fednl.util.faults import kill_point
 
 if TYPE_CHECKING:
     from fednl.config import EngineConfig, RunConfig, TrainConfig
@@ -65,7 +74,8 @@ if TYPE_CHECKING:
 COUNT_KEYS = frozenset({"n", "tokens"})  # per-client counts, not averaged into "mean"
 # settings a resume may change: they affect speed, logging or evaluation, never the trained parameters
 RESUME_MUTABLE = ("rounds", "out", "description", "engine.progress", "engine.device", "engine.threads",
-                  "engine.eval_every", "engine.eval_batch_size", "engine.max_bytes", "dp.max_epsilon")
+                  "engine.eval_every", "engine.eval_batch_size", "engine.max_bytes", "engine.deadline_s",
+                  "dp.max_epsilon")
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -151,6 +161,23 @@ class BudgetExhausted(Exception):
         super().__init__(f"round {rnd}: {direction} payload of {cid} ({nbytes} B) after {spent} B > max_bytes {limit}")
 
 
+@dataclass
+class RoundIO:
+    """What crossed in one round: the sample, the decoded fresh replies, what each client was sent, the replies
+    refused before screening (``stale``, ``replay``, ``wire``) and the silent clients with the reason."""
+
+    chosen: list[str]
+    sent: dict[str, Params]
+    replies: list[ClientReply] = field(default_factory=list)
+    refused: list[Rejection] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # cid -> "dropout" | "deadline: ..." | ...
+
+    def console(self) -> str:
+        if not self.dropped:
+            return ""
+        return " | dropped " + ", ".join(f"{c} ({why})" for c, why in self.dropped.items())
+
+
 class RoundLoop:
     """Run ``spec.rounds`` federated rounds of ``strategy``; ``executor`` runs the clients (see the module
     docstring). ``model`` is the server's copy of the model: the initial global parameters, the initial values of
@@ -168,6 +195,7 @@ class RoundLoop:
         self.out = Path(spec.out)
         self.ckpt_dir = self.out / "checkpoint"
         self.metrics_path = self.out / "metrics.jsonl"
+        self.journal = ReplyJournal(self.out / JOURNAL_DIR)
         live = {n: p.detach() for n, p in model.named_parameters()}
         self.fingerprint = model_fingerprint(model)
         self._fresh = RunState(
@@ -185,6 +213,22 @@ class RoundLoop:
     def client_seeds(self, rnd: int, cid: str) -> tuple[int, int]:
         """``(shuffling generator seed, global torch seed)`` of client ``cid`` in round ``rnd``."""
         return derive_seed(self.spec.seed, "client", rnd, cid), derive_seed(self.spec.seed, "torch", rnd, cid)
+
+    def job_nonce(self, rnd: int, cid: str) -> str:
+        """The nonce of client ``cid``'s job in round ``rnd``, which its reply must carry back (a function of the
+        run seed: a resumed round sends the same one)."""
+        return f"{derive_seed(self.spec.seed, 'nonce', rnd, cid):016x}"
+
+    def offline(self, rnd: int, chosen: Sequence[str]) -> list[str]:
+        """The sampled clients that ``engine.dropout`` takes offline in round ``rnd``: ``round(dropout × len)``
+        of them, drawn by a generator seeded from the run seed and the round (not the sampling generator, so the
+        sample is the same as without drop-outs)."""
+        p = self.spec.engine.dropout
+        if not p:
+            return []
+        k = min(len(chosen), round(float(p) * len(chosen)))
+        gone = set(random.Random(derive_seed(self.spec.seed, "dropout", rnd)).sample(sorted(chosen), k))
+        return [c for c in chosen if c in gone]
 
     # ------------------------------------------------------------------ one round
     def _send(self, state: RunState, rnd: int, cid: str, direction: str, payload: Payload) -> None:
@@ -208,49 +252,79 @@ class RoundLoop:
                                "seeds": {c: str(s[0]) for c, s in seeds.items()}})
         return chosen, seeds
 
-    def _round(self, rnd: int, state: RunState, rng: random.Random
-               ) -> tuple[list[ClientReply], list[str], dict[str, Params], list[Rejection]]:
-        """Sample, send every sampled client its payload, receive. Returns the decoded replies of the clients that
-        answered (in sampling order: aggregation sums in the same order whatever the executor), the sample, the
-        tensors each client was sent (what its update is measured against), and the replies refused because they
-        are not what the uplink codec writes (check ``wire``: counted in the ledger, never decoded further)."""
+    def _round(self, rnd: int, state: RunState, rng: random.Random) -> RoundIO:
+        """Sample, send every sampled client that is online its payload, receive. Returns the decoded fresh replies
+        (in sampling order: aggregation sums in the same order whatever the executor), the tensors each client
+        was sent (what its update is measured against), the refused replies (``stale`` / ``replay``, and
+        ``wire``: not what the uplink codec writes; their bytes are in the ledger, they are never decoded
+        further) and why each silent client gave no reply."""
         chosen, seeds = self._sample_round(rnd, state, rng)
+        offline = set(self.offline(rnd, chosen))
         jobs: list[TrainJob] = []
         received: dict[str, Payload | None] = {}
         sent: dict[str, Params] = {}
         for cid in chosen:
+            if cid in offline:  # never reached: nothing crosses in either direction
+                continue
             payload = self.strategy.configure_train(rnd, cid, state.global_params)
             down, received[cid] = self.wire.encode_down(cid, payload, state.engine_tensors)
             sent[cid] = received[cid].tensors if received[cid] is not None else payload.tensors
             self._send(state, rnd, cid, "down", down)
-            jobs.append(TrainJob(cid, down, seeds[cid]))
-        answers = self._answers(rnd, chosen, self.executor.train(rnd, jobs, state))
-        replies: list[ClientReply] = []
-        refused: list[Rejection] = []
+            jobs.append(TrainJob(cid, down, seeds[cid], self.job_nonce(rnd, cid)))
+        arrived = self._train(rnd, jobs, state)
+        missing = dict(getattr(self.executor, "missing", {}))
+        fresh, stale = check_fresh(rnd, {j.cid: j.nonce for j in jobs}, arrived)
+        io = RoundIO(chosen=chosen, sent=sent)
+        for reply, why in stale:  # they crossed: counted, never decoded
+            self._send(state, rnd, reply.cid, "up", reply.payload)
+            io.refused.append(why)
         for cid in chosen:
-            answer = answers.get(cid)
-            if answer is None:  # dropped out: its uplink never crossed
+            answer = fresh.get(cid)
+            if answer is None:  # its uplink never crossed
+                if not any(r.cid == cid for r in io.refused):
+                    io.dropped[cid] = "dropout" if cid in offline else missing.get(cid, "no reply")
                 continue
             self._send(state, rnd, cid, "up", answer.payload)  # it crossed, whatever it holds
             try:
                 self.wire.check(answer.payload, "up")
                 decoded = self.wire.decode_up(answer.payload, received[cid], like=state.global_params)
             except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed payload
-                refused.append(Rejection(cid, "wire", f"not a {self.wire.label('up')} uplink payload: {exc}",
-                                         {"codec": self.wire.label("up")}))
+                io.refused.append(Rejection(cid, "wire", f"not a {self.wire.label('up')} uplink payload: {exc}",
+                                            {"codec": self.wire.label("up")}))
                 continue
-            replies.append(ClientReply(cid, decoded, answer.num_examples, dict(answer.metrics)))
-        return replies, chosen, sent, refused
+            io.replies.append(ClientReply(cid, decoded, answer.num_examples, dict(answer.metrics)))
+        return io
 
-    @staticmethod
-    def _answers(rnd: int, chosen: Sequence[str], replies: Sequence[TrainReply]) -> dict[str, TrainReply]:
-        out: dict[str, TrainReply] = {}
-        for r in replies:
-            if r.cid not in chosen or r.cid in out:
-                raise StrategyError(f"round {rnd}: unexpected or repeated reply of client {r.cid!r} "
-                                    f"(sampled: {list(chosen)})")
-            out[r.cid] = r
-        return out
+    def _train(self, rnd: int, jobs: list[TrainJob], state: RunState) -> list[TrainReply]:
+        """The replies to ``jobs``: those stored in the journal by an earlier, killed attempt at round ``rnd``
+        (their clients' states restored, not trained again), then the executor's for the others, each stored as it
+        arrives."""
+        digests = {j.cid: payload_digest(j.payload) for j in jobs}
+        stored = self.journal.load(rnd, {j.cid: (j.nonce, digests[j.cid]) for j in jobs})
+        for cid, entry in stored.items():
+            if entry.client is not None and cid in state.clients:
+                state.clients[cid] = entry.client
+        if stored:
+            self.log(f"round {rnd}: reusing the stored replies of {len(stored)} client(s): {', '.join(stored)}")
+            self.executor.reused(rnd, list(stored))
+        pending = [j for j in jobs if j.cid not in stored]
+        nonces = {j.cid: j.nonce for j in pending}
+        kept: set[str] = set()
+
+        def store(reply: TrainReply) -> None:
+            if reply.cid in kept or nonces.get(reply.cid) != reply.nonce or reply.round != rnd:
+                return  # only a fresh answer to a pending job is worth keeping
+            self.journal.put(reply, down_digest=digests[reply.cid], client=state.clients.get(reply.cid))
+            kept.add(reply.cid)
+            kill_point("reply_stored", rnd)
+
+        self.executor.missing = {}
+        self.executor.on_reply = store
+        try:
+            got = list(self.executor.train(rnd, pending, state)) if pending else []
+        finally:
+            self.executor.on_reply = None
+        return [*(stored[j.cid].reply for j in jobs if j.cid in stored), *got]
 
     def _aggregate(self, rnd: int, replies: list[ClientReply], state: RunState, *, m: int,
                    sent: dict[str, Params], refused: list[Rejection] | None = None) -> tuple[Params, GuardStep]:
@@ -258,13 +332,19 @@ class RoundLoop:
         and the global state. :class:`~fednl.engine.guard.UpdateGuard` screens the replies (a rejected one never
         reaches the strategy), applies ``[robust]``'s clipping and Krum or ``[dp]``'s clipping, and sets the mean
         the strategy averages with (median, trimmed mean, DP's noisy mean over the ``m`` sampled clients); then
-        the strategy's aggregate and the server optimiser's step on it (``[server_opt]``). With every reply
-        rejected the global parameters stay as they are."""
+        the strategy's aggregate and the server optimiser's step on it (``[server_opt]``). With fewer accepted
+        updates than ``engine.min_clients`` (default 1) the round is skipped: the global parameters stay as they
+        are and ``step.skipped`` says why."""
         step = self.guard.prepare(rnd, replies, reference=state.global_params,
                                   like=self.strategy.reply_like(state.global_params), m=m,
                                   noise_seed=derive_seed(self.spec.seed, "dp", rnd), received=sent)
         step.rejected = [*(refused or []), *step.rejected]
-        if not step.replies:
+        accepted = len(step.replies) + len(step.krum_dropped)  # passed screening (Krum then picks among them)
+        need = int(self.spec.engine.min_clients or 1)
+        if accepted < need:
+            step.skipped = {"reason": "min_clients", "accepted": accepted, "min_clients": need, "sampled": m,
+                            "message": f"{accepted} accepted update(s) of {m} sampled < engine.min_clients {need}"}
+            step.replies = []
             return state.global_params, step
         with self.strategy.averaging(step.mean):
             aggregate = self.strategy.aggregate_train(rnd, step.replies, state.global_params)
@@ -277,6 +357,17 @@ class RoundLoop:
     # ------------------------------------------------------------------ the run
     def _start(self, resume: bool) -> tuple[RunState, random.Random]:
         rng = random.Random(self.spec.seed)
+        if resume and not (self.ckpt_dir / LATEST).is_file():
+            if not self.out.is_dir():
+                raise FileNotFoundError(f"no checkpoint to resume from: {self.out} does not exist")
+            if (self.out / RESULTS_NAME).is_file():
+                raise ValueError(f"cannot resume {self.out}: it holds results.json but no checkpoint "
+                                 f"({self.ckpt_dir / LATEST} is missing)")
+            self.log(f"resuming {self.out}: no checkpoint was written yet, starting from round 0"
+                     + (" (stored replies are reused)" if self.journal.root.is_dir() else ""))
+            resume = False
+        elif not resume:
+            self.journal.clear()
         if not resume:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.metrics_path, "")
@@ -305,10 +396,21 @@ class RoundLoop:
         return state, rng
 
     def _truncate_metrics(self, last_round: int) -> None:
+        """Keep the metrics.jsonl lines of rounds ``<= last_round``; a torn last line (the process was killed
+        while appending) is dropped, a torn line elsewhere is an error."""
         keep: list[str] = []
         if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("round", 0) <= last_round:
+            lines = self.metrics_path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:
+                        continue
+                    raise ValueError(f"cannot resume {self.out}: {self.metrics_path} line {i + 1} is not JSON") from None
+                if rec.get("round", 0) <= last_round:
                     keep.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
@@ -326,25 +428,25 @@ class RoundLoop:
         if state.round > self.spec.rounds:
             raise ValueError(f"checkpoint is at round {state.round}, beyond rounds={self.spec.rounds}")
         self.executor.start(state, resumed=resume)
+        kill_point("run_start", state.round)
         session_start = time.perf_counter()
         wall_before = float(state.info.get("wall_s", 0.0))
-        if self.spec.engine.max_bytes is not None and not resume:
+        if self.spec.engine.max_bytes is not None and state.round == 0:
             save_checkpoint(self.ckpt_dir, state)  # round 0: what a budget stop in round 1 rolls back to
         for rnd in range(state.round + 1, self.spec.rounds + 1):
             t0 = time.perf_counter()
             if self.guard.budget_exhausted(len(self.client_names)):  # (ε does not depend on the sample size)
                 return self._stop_on_privacy(rnd, state, wall_before + time.perf_counter() - session_start)
             try:
-                replies, chosen, sent, refused = self._round(rnd, state, rng)
+                io = self._round(rnd, state, rng)
             except BudgetExhausted as stop:
                 return self._stop_on_budget(stop, wall_before + time.perf_counter() - session_start)
-            if not replies and not refused:
-                raise RuntimeError(f"round {rnd}: none of the {len(chosen)} sampled clients answered")
-            state.global_params, step = self._aggregate(rnd, replies, state, m=len(chosen), sent=sent,
-                                                        refused=refused)
+            replies, chosen = io.replies, io.chosen
+            state.global_params, step = self._aggregate(rnd, replies, state, m=len(chosen), sent=io.sent,
+                                                        refused=io.refused)
             state.server_tensors, state.server_info = self.strategy.server_state()
             state.engine_info.update(self.guard.state())
-            rejected = {r.cid for r in step.rejected}
+            rejected = {r.cid for r in step.rejected[len(io.refused):]}  # screened out (not the refused extras)
             kept = [r for r in replies if r.cid not in rejected]
             weights = [r.num_examples for r in kept]
             loss = (sum(r.metrics["train_loss"] * w for r, w in zip(kept, weights)) / sum(weights) if kept
@@ -357,22 +459,25 @@ class RoundLoop:
             s_round = time.perf_counter() - t0
             up, down = state.ledger.total("up", rnd), state.ledger.total("down", rnd)
             peak = peak_memory_mb(self.device)
-            answered = {r.cid for r in replies} | {r.cid for r in refused}
             records.insert(0, RoundRecord(
                 round=rnd, clients=chosen, train_loss=loss, bytes_up=up, bytes_down=down, s_round=s_round,
                 peak_mem_mb=peak, client_train={r.cid: {**r.metrics, "num_examples": r.num_examples} for r in replies},
-                dropped=[c for c in chosen if c not in answered] or None, **step.to_record()))
+                dropped=list(io.dropped) or None, dropped_reason=dict(io.dropped) or None, **step.to_record()))
             self._append_metrics(records)
+            kill_point("metrics_written", rnd)
             state.round = rnd
             state.python_random = rng.getstate()
             state.torch_rng = torch.get_rng_state()
             state.info["wall_s"] = wall_before + time.perf_counter() - session_start
             save_checkpoint(self.ckpt_dir, state)
-            self.log(self._line(rnd, loss, evals, up, down, s_round, peak) + step.console())
+            kill_point("checkpoint_saved", rnd)
+            self.journal.clear(upto=rnd)
+            self.log(self._line(rnd, loss, evals, up, down, s_round, peak) + io.console() + step.console())
             if stop_after is not None and rnd >= stop_after and rnd < self.spec.rounds:
                 return None
         state.info["wall_s"] = wall_before + time.perf_counter() - session_start
         results = self.results(state)
+        kill_point("results")
         results.write(self.out / RESULTS_NAME)
         self.state = state
         return results.to_json()
@@ -423,6 +528,7 @@ class RoundLoop:
         state.info["stopped"] = record.to_json()
         state.info["wall_s"] = wall_s
         save_checkpoint(self.ckpt_dir, state)
+        self.journal.clear()
         results = self.results(state).model_copy(update={"stopped": record})
         results.write(self.out / RESULTS_NAME)
         self.state = state

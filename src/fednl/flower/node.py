@@ -26,12 +26,14 @@ from flwr.clientapp import ClientApp
 
 from fednl.flower.data import NodeData, node_data
 from fednl.flower.protocol import (
+    ANSWER,
     EVAL,
     GLOBAL,
     NODE,
     REPLY,
     SERVER,
     SERVER_INFO,
+    Answer,
     NodeIdentity,
     RunRecord,
     config_sha,
@@ -187,6 +189,7 @@ def handle_train(msg: Message, ctx: Context, *, simulation: bool = False) -> Mes
     content = encode_payload(up)
     content[REPLY] = MetricRecord({"num-examples": int(reply.num_examples),
                                    **{k: float(v) for k, v in reply.metrics.items()}})
+    content[ANSWER] = Answer(round=run.round, cid=run.cid, nonce=run.nonce).to_record()
     return Message(content, reply_to=msg)
 
 

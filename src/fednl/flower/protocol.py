@@ -10,7 +10,8 @@ query      server -> node  ``fednl.run`` (op ``hello``)
                            whether it is held out, the task's name and kind, its example counts
 train      server -> node  ``fednl.tensors`` + ``fednl.meta`` (the wire-encoded payload), ``fednl.run``
            node -> server  ``fednl.tensors`` + ``fednl.meta`` (the wire-encoded reply payload),
-                           ``fednl.reply`` (num-examples + the client's training metrics)
+                           ``fednl.reply`` (num-examples + the client's training metrics), ``fednl.answer``
+                           (:class:`Answer`: the round, client and nonce of the job it answers)
 evaluate   server -> node  ``fednl.global`` (global parameters, full precision), ``fednl.server`` +
                            ``fednl.server-info`` (the strategy's server state), ``fednl.run``
            node -> server  ``fednl.eval`` (metrics of the client's model)
@@ -19,7 +20,9 @@ evaluate   server -> node  ``fednl.global`` (global parameters, full precision),
 ``fednl.run`` (:class:`RunRecord`) carries the resolved run config (JSON) and its sha256, the model
 fingerprint, the run uid (which keys the node's state folder), the round, the client id and the two seeds of the
 client round: everything a stateless node process needs to rebuild the model and train its client exactly as
-the in-process simulator does. It never carries data: a node reads its client's examples from its own disk.
+the in-process simulator does. It never carries data: a node reads its client's examples from its own disk. A
+``train`` message also carries the job's nonce, which the node echoes in ``fednl.answer``: the server refuses a
+reply for another round (``stale``) or with another nonce (``replay``).
 
 A SuperNode's node config (``--node-config``, or set by Flower's simulation) has the keys ``partition-id``,
 ``num-partitions``, ``state-dir`` (where it keeps its client's state) and ``data-dir`` (its client's data
@@ -43,6 +46,7 @@ GLOBAL = "fednl.global"
 SERVER = "fednl.server"
 SERVER_INFO = "fednl.server-info"
 EVAL = "fednl.eval"
+ANSWER = "fednl.answer"
 
 OPS = ("hello", "train", "evaluate")
 
@@ -54,6 +58,12 @@ def config_sha(config_json: str) -> str:
 def config_to_json(config: dict[str, Any]) -> str:
     """Canonical JSON of a resolved run config (sorted keys): the same text gives the same sha on every node."""
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _config_record(fields_: Mapping[str, Any]) -> ConfigRecord:
+    """A ConfigRecord of ``fields_`` without the empty strings (Flower cannot count the bytes of an empty string;
+    a field left out reads back as its default, which is the empty string)."""
+    return ConfigRecord({k: v for k, v in fields_.items() if v != ""})
 
 
 def _from_record(cls: type, rec: Mapping[str, Any], what: str) -> Any:
@@ -79,6 +89,7 @@ class RunRecord:
     seed_gen: int = 0
     seed_torch: int = 0
     state_dir: str = ""  # the run's default node state folder (a node's own ``state-dir`` wins)
+    nonce: str = ""  # a train job's nonce, echoed in the reply's ``fednl.answer``
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -87,7 +98,7 @@ class RunRecord:
             raise ValueError("fednl.run: the config text does not match its sha256 (corrupted message?)")
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(asdict(self))
+        return _config_record(asdict(self))
 
     @classmethod
     def from_content(cls, content: RecordDict) -> RunRecord:
@@ -95,6 +106,29 @@ class RunRecord:
             raise ValueError(f"message lacks the {RUN!r} record (not sent by fednl's ServerApp?); "
                              f"records: {sorted(content)}")
         return _from_record(cls, dict(content[RUN]), RUN)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The ``fednl.answer`` record of a train reply: which job (round, client, nonce) it answers."""
+
+    round: int
+    cid: str
+    nonce: str
+
+    def to_record(self) -> ConfigRecord:
+        return _config_record(asdict(self))
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> Answer:
+        """The reply's answer record; a reply without one answers no job (round 0, no nonce: refused as stale)."""
+        if ANSWER not in content:
+            return cls(round=0, cid="", nonce="")
+        rec = dict(content[ANSWER])
+        try:
+            return cls(round=int(rec.get("round", 0)), cid=str(rec.get("cid", "")), nonce=str(rec.get("nonce", "")))
+        except (TypeError, ValueError):
+            return cls(round=0, cid="", nonce="")
 
 
 # ---------------------------------------------------------------------------------------------- the node

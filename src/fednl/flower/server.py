@@ -7,8 +7,16 @@ payloads, wire, ledger, aggregation, checkpoints, metrics: the in-process loop) 
 which turns the loop's two calls into messages through the Flower ``Grid``:
 
 * ``train``: one ``train`` message per job, each with its *own* payload (so per-client payloads such as
-  FedTreeLoRA's cluster experts work), all sent at once with ``grid.send_and_receive``;
+  FedTreeLoRA's cluster experts work), all pushed at once, then the replies pulled as they come in: each is handed
+  to the round loop on arrival (which stores it, so a killed server does not ask that node again), until every
+  node answered or the round's deadline passed;
 * ``evaluate``: one ``evaluate`` message per client, training or held-out, to the node that holds its data.
+
+Faults: the deadline is ``engine.deadline_s``, else the run config's ``round-timeout-s`` (0: wait for every
+node). A node that has not answered by then, or for which the SuperLink reports that the node or its message is
+gone (a killed SuperNode: ``NODE_UNAVAILABLE`` and the like), counts as dropped for that round (training) or is
+left out of that round's evaluation; the run goes on. An error a ClientApp *raised* still fails the run: it is a
+bug or a refusal, not a drop-out.
 
 Next to the fednl ledger (payload tensor bytes, which must equal the in-process ledger), :class:`HopLedger`
 records, per message, what fednl put on the SuperLink<->SuperNode hop: payload bytes and record overhead (see
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fednl.engine.executor import ClientExecutor, Federation, TrainJob, TrainReply
@@ -39,6 +48,7 @@ from fednl.flower.protocol import (
     RUN,
     SERVER,
     SERVER_INFO,
+    Answer,
     NodeInfo,
     RunRecord,
     config_sha,
@@ -52,6 +62,10 @@ if TYPE_CHECKING:
 
 FLOWER_JSON = "flower.json"
 NODE_STATE_DIR = "node-state"
+POLL_S = 0.2  # how often the ServerApp pulls replies while a round is open
+# errors the SuperLink reports for a node or message that is gone: the client dropped out, the run goes on
+GONE = {ErrorCode.NODE_UNAVAILABLE: "node unavailable", ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable",
+        ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply unavailable", ErrorCode.CLIENT_APP_CRASHED: "ClientApp crashed"}
 
 
 class FlowerRunError(RuntimeError):
@@ -196,25 +210,59 @@ class FlowerExecutor(ClientExecutor):
         self.config_sha = config_sha(self.config_json)
         self.fingerprint, self.wire_dtype, self.out = fingerprint, wire_dtype, Path(out)
         self.hops = HopLedger()
+        self._carried: list[HopRow] = []  # hop rows of the round a killed session left unfinished
         self.timing: dict[str, Any] = {**{k: round(v, 3) for k, v in (startup or {}).items()}, "rounds": {}}
+        self.log: Callable[[str], None] = print
 
-    def _run_record(self, op: str, rnd: int, cid: str, **seeds: int) -> ConfigRecord:
+    def _run_record(self, op: str, rnd: int, cid: str, **job: Any) -> ConfigRecord:
         return RunRecord(op=op, run_uid=self.run_uid, round=rnd, cid=cid, config_json=self.config_json,
                          config_sha=self.config_sha, fingerprint=self.fingerprint,
-                         wire_dtype=self.wire_dtype, state_dir=self.state_dir, **seeds).to_record()
+                         wire_dtype=self.wire_dtype, state_dir=self.state_dir, **job).to_record()
 
-    def _exchange(self, msgs: list[Message], cids: list[str], what: str) -> dict[str, Message]:
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.round_timeout_s or None))
-        _raise_errors(replies, what)
+    def _exchange(self, msgs: list[Message], cids: list[str], what: str,
+                  on_reply: Callable[[str, Message], None] | None = None) -> dict[str, Message]:
+        """Push ``msgs`` (one per client of ``cids``), then pull replies until each client answered or the
+        deadline passed; ``on_reply(cid, reply)`` runs as each one arrives. A client without a reply is
+        :meth:`missed` (no reply in time, or the SuperLink says its node or message is gone); an error its
+        ClientApp raised fails the exchange."""
+        ids = list(self.grid.push_messages(msgs))
+        cid_of_message = dict(zip(ids, cids))
+        deadline = time.monotonic() + self.round_timeout_s if self.round_timeout_s else None
         out: dict[str, Message] = {}
-        for r in replies:
-            cid = self.cid_of_node.get(r.metadata.src_node_id)
-            if cid is None or cid not in cids:
-                raise FlowerRunError(f"{what}: unexpected reply from node {r.metadata.src_node_id}")
-            out[cid] = r
-        missing = [c for c in cids if c not in out]
-        if missing:
-            raise FlowerRunError(f"{what}: no reply from client(s) {missing} within {self.round_timeout_s:.0f} s")
+        waiting = set(cids)
+        errors: list[Message] = []
+        while waiting and ids:
+            for r in self.grid.pull_messages(ids):
+                ids = [i for i in ids if i != r.metadata.reply_to_message_id]
+                cid = self.cid_of_node.get(r.metadata.src_node_id)
+                if r.has_error() and r.error.code in GONE:  # from the SuperLink: the node or message is gone
+                    gone = cid_of_message.get(r.metadata.reply_to_message_id, cid)
+                    if gone in waiting:
+                        waiting.discard(gone)
+                        self.missed(gone, f"{GONE[r.error.code]}: {r.error.reason}")
+                    continue
+                if cid is None or cid not in cids:
+                    raise FlowerRunError(f"{what}: unexpected reply from node {r.metadata.src_node_id}")
+                if r.has_error():
+                    errors.append(r)
+                    waiting.discard(cid)
+                    continue
+                if cid not in waiting:
+                    continue  # a second reply to one message: Flower delivers one, nothing to take
+                waiting.discard(cid)
+                out[cid] = r
+                if on_reply is not None:
+                    on_reply(cid, r)
+            if not waiting:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                for cid in sorted(waiting):
+                    self.missed(cid, f"deadline: no reply within {self.round_timeout_s:g} s")
+                self.log(f"{what}: no reply from {sorted(waiting)} within {self.round_timeout_s:g} s; going on "
+                         "without them")
+                break
+            time.sleep(POLL_S)
+        _raise_errors(errors, what)
         return out
 
     def _timing(self, rnd: int, key: str, seconds: float) -> None:
@@ -222,36 +270,50 @@ class FlowerExecutor(ClientExecutor):
 
     # ------------------------------------------------------------------ the seam
     def start(self, state: RunState, *, resumed: bool) -> None:
-        if resumed:
+        if resumed and (state.round > 0 or (self.out / FLOWER_JSON).is_file()):
             record = read_flower_json(self.out)
             self.hops = HopLedger.from_json(record.get("hop", []))
+            nxt = state.round + 1  # the unfinished round's train rows: replies the journal may hand back
+            self._carried = [r for r in self.hops.rows if r.round == nxt and r.kind == "train"]
             self.hops.truncate(state.round)
             rounds = {k: v for k, v in record.get("timing", {}).get("rounds", {}).items() if int(k) <= state.round}
             self.timing["rounds"] = rounds
             self.timing["resumed_after_round"] = state.round
         self._save_flower_json()
 
+    def reused(self, rnd: int, cids: Sequence[str]) -> None:
+        """The journal hands back the replies of ``cids``: restore their hop rows of the killed session."""
+        self.hops.rows += [r for r in self._carried if r.round == rnd and r.cid in set(cids)]
+        self._carried = []
+
     def train(self, rnd: int, jobs: Sequence[TrainJob], state: RunState) -> list[TrainReply]:
         del state  # the nodes keep their clients' state on their own disks
         msgs = []
         for job in jobs:
             content = encode_payload(job.payload)
-            content[RUN] = self._run_record("train", rnd, job.cid, seed_gen=job.seeds[0], seed_torch=job.seeds[1])
+            content[RUN] = self._run_record("train", rnd, job.cid, seed_gen=job.seeds[0], seed_torch=job.seeds[1],
+                                            nonce=job.nonce)
             self.hops.add(rnd, job.cid, "train", "down", message_bytes(content))
             msgs.append(Message(content, dst_node_id=self.nodes[job.cid], message_type=MessageType.TRAIN,
                                 group_id=str(rnd)))
-        cids = [job.cid for job in jobs]
-        t0 = time.perf_counter()
-        answers = self._exchange(msgs, cids, f"round {rnd} training")
-        self._timing(rnd, "train_exchange_s", time.perf_counter() - t0)
-        replies = []
-        for cid in cids:
-            content = answers[cid].content
+        replies: list[TrainReply] = []
+
+        def arrived(cid: str, msg: Message) -> None:
+            content = msg.content
             stats = dict(content[REPLY])
             num_examples = int(stats.pop("num-examples"))
+            answer = Answer.from_content(content)
             self.hops.add(rnd, cid, "train", "up", message_bytes(content))
-            replies.append(TrainReply(cid, decode_payload(content), num_examples,
-                                      {k: float(v) for k, v in stats.items()}))
+            reply = TrainReply(cid, decode_payload(content), num_examples, {k: float(v) for k, v in stats.items()},
+                               round=answer.round, nonce=answer.nonce)
+            replies.append(reply)
+            self._save_flower_json()  # its hop rows first: a resume that reuses the reply finds them
+            self.arrived(reply)
+
+        self._save_flower_json()
+        t0 = time.perf_counter()
+        self._exchange(msgs, [job.cid for job in jobs], f"round {rnd} training", on_reply=arrived)
+        self._timing(rnd, "train_exchange_s", time.perf_counter() - t0)
         self._save_flower_json()
         return replies
 
@@ -269,6 +331,8 @@ class FlowerExecutor(ClientExecutor):
         self._timing(rnd, "eval_exchange_s", time.perf_counter() - t0)
         out: dict[str, dict[str, float]] = {}
         for cid in cids:
+            if cid not in answers:  # its node is gone or too slow: this round's evaluation goes on without it
+                continue
             content = answers[cid].content
             self.hops.add(rnd, cid, "evaluate", "up", message_bytes(content))
             out[cid] = {k: float(v) for k, v in content[EVAL].items()}
@@ -308,8 +372,10 @@ def server_main(grid: Grid, settings: AppSettings, *, log: Callable[[str], None]
     out = Path(settings.out).expanduser().resolve()
     cfg = load_config(settings.config, settings.overrides, local_paths=False)  # the server reads no data
     parts = build_parts(cfg, out)
-    if settings.resume:
+    if settings.resume and (out / FLOWER_JSON).is_file():
         run_uid = str(read_flower_json(out)["run_uid"])
+    elif settings.resume:  # killed before its first round: nothing reached a node, start afresh
+        run_uid = new_run_uid()
     else:
         if holds_run(out) or (out / FLOWER_JSON).exists():
             raise ValueError(f"{out} already holds a run: resume it, or pick another output folder")
@@ -329,8 +395,9 @@ def server_main(grid: Grid, settings: AppSettings, *, log: Callable[[str], None]
         f"wire {cfg.engine.wire_dtype} | run {run_uid} | out {out}")
     executor = FlowerExecutor(grid, nodes, federation, run_uid=run_uid, state_dir=state_dir, config=parts.spec.config,
                               fingerprint=fingerprint, wire_dtype=cfg.engine.wire_dtype, out=out,
-                              round_timeout_s=settings.round_timeout_s,
+                              round_timeout_s=cfg.engine.deadline_s or settings.round_timeout_s,
                               startup={"build_s": t1 - t0, "handshake_s": t2 - t1, "startup_s": t2 - t0})
+    executor.log = log
     results = RoundLoop(parts.model, parts.strategy, parts.spec, executor, log=log).run(resume=settings.resume)
     assert results is not None
     executor.finish(time.perf_counter() - t0)
