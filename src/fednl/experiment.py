@@ -79,10 +79,10 @@ def run_config(cfg: RunConfig, out: str | Path, *, resume: bool = False, log: Lo
     if cfg.engine.threads:
         torch.set_num_threads(int(cfg.engine.threads))
     try:
-        sim = build_simulator(cfg, out, log=log)
-        if not resume:
+        if not resume:  # first: from here on the folder can be resumed, whenever the process dies
             out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, out)
+        sim = build_simulator(cfg, out, log=log)
         log(f"== {cfg.method.name} | model {sim.spec.model_name} | task {sim.task.name} | "
             f"{len(sim.client_names)} clients | {cfg.rounds} rounds | wire {wire_label(sim)} | "
             f"{torch.get_num_threads()} threads | out {out}")
@@ -158,7 +158,8 @@ def load_resolved(out: str | Path) -> str:
     """Path of the resolved config of a run directory (for ``--resume``)."""
     path = Path(out) / RESOLVED_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume {out}: {path} does not exist (not a run directory?)")
+        raise FileNotFoundError(f"cannot resume {out}: {path} does not exist (not a run directory, or its run was "
+                                "killed before it started: run it again with `fednl run CONFIG --out DIR`)")
     return str(path)
 
 
