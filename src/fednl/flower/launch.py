@@ -12,7 +12,8 @@ as Flower requires:
 ``resume``           continue the run in ``out-dir`` from its last checkpoint
 ``state-dir``        where SuperNodes keep client state when their node config names no ``state-dir``
 ``wait-nodes-s``     how long the ServerApp waits for all SuperNodes to connect
-``round-timeout-s``  how long one round may take before the run fails (0 = no limit)
+``round-timeout-s``  how long the ServerApp waits for a round's replies; a node that has not answered by then is
+                     dropped for that round (0 = wait for every node; ``engine.deadline_s`` takes precedence)
 ===================  ===================================================================================
 
 **Simulation** (:func:`simulate`, ``fednl flower simulate``): ``flwr.simulation.run_simulation`` with fednl's
