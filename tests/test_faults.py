@@ -276,3 +276,15 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path: Path) -> None:
         fh.write('{"type": "round", "round": 2, "cli')  # killed in the middle of the round-2 append
     toy_sim(tmp_path / "run", rounds=2).run(resume=True)
     assert_same_run(tmp_path / "straight", tmp_path / "run")
+
+
+def test_kill_point_specs_are_checked() -> None:
+    from fednl.util.faults import parse
+
+    assert parse("reply_stored:2:3") == ("reply_stored", 2, 3)
+    assert parse("results") == ("results", None, 1)
+    assert parse("checkpoint_writing::2") == ("checkpoint_writing", None, 2)
+    for bad, msg in (("nowhere", "expected <point>"), ("results:x", "must be integers"),
+                     ("results:1:0", "count must be >= 1"), ("results:1:2:3", "expected <point>")):
+        with pytest.raises(ValueError, match=msg):
+            parse(bad)
