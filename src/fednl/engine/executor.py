@@ -94,6 +94,7 @@ class ClientExecutor(ABC):
 
     federation: Federation
     on_reply: Callable[[TrainReply], None] | None = None  # set by the round loop around each ``train`` call
+    missing: dict[str, str]  # client -> why it gave no reply in the last ``train`` call (reset by the loop)
 
     def arrived(self, reply: TrainReply) -> None:
         """Hand ``reply`` to the round loop as soon as it came in (before the other jobs are done)."""
