@@ -1,6 +1,7 @@
 """Fault drill on a real Flower deployment on loopback (slow): a SuperNode is killed (SIGKILL, its whole process
-group) right after round 1; the ServerApp's round deadline passes without its reply, the client counts as dropped
-and the run goes on to the end. ``deploy/fault_drill.py`` runs the deployment (SuperLink, one SuperNode per
+group) right after round 1; its reply never comes, the SuperLink reports the node unavailable once its heartbeats
+stop (about a minute; the round deadline is set far above an honest round, so a loaded machine does not turn honest
+nodes into stragglers), the client counts as dropped and the run goes on to the end. ``deploy/fault_drill.py`` runs the deployment (SuperLink, one SuperNode per
 client reading its own client folder, ``flwr run``) and stops every process it started.
 
 The run must end with exactly the global parameters of the in-process run in which that client sent nothing in
@@ -28,7 +29,7 @@ from fednl.experiment import build_simulator  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 40  # above an honest round on a loaded 2-core machine (each message starts a ClientApp process)
+DEADLINE_S = 300  # far above an honest round on a loaded 2-core machine (each message starts a ClientApp process)
 
 
 def _alive(pgid: int) -> bool:
@@ -48,7 +49,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "deploy" / "fault_drill.py"), str(config), str(out), "--kill-node", "1",
-           "--after-round", "1", "--deadline", str(DEADLINE_S), "--timeout", "540"]
+           "--after-round", "1", "--deadline", str(DEADLINE_S), "--timeout", "560"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -68,7 +69,8 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     assert [e["event"] for e in drill["events"]][:2] == ["started", "killed SuperNode"]
     assert drill["rounds_completed"] == 2 and drill["finished"]
     assert drill["dropped"]["1"] == {}
-    assert drill["dropped"]["2"] == {"client01": f"deadline: no reply within {DEADLINE_S} s"}
+    [(victim, why)] = drill["dropped"]["2"].items()
+    assert victim == "client01" and why.startswith("node unavailable: "), why  # its heartbeats stopped
     run = out / "run"
     results = json.loads((run / "results.json").read_text())
     assert sorted(results["clients"]) == ["client00", "client02"]  # the dead node was not evaluated either

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 FLOWER_JSON = "flower.json"
 NODE_STATE_DIR = "node-state"
-POLL_S = 0.2  # how often the ServerApp pulls replies while a round is open
+POLL_S = 0.5  # how often the ServerApp pulls replies while a round is open (Flower's own loop: 3 s)
 # errors the SuperLink reports for a node or message that is gone: the client dropped out, the run goes on
 GONE = {ErrorCode.NODE_UNAVAILABLE: "node unavailable", ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable",
         ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply unavailable", ErrorCode.CLIENT_APP_CRASHED: "ClientApp crashed"}
