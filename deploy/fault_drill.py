@@ -10,8 +10,10 @@ is deploy/loopback_smoke.sh's), each node reading its own client folder (``fednl
 
 * ``--kill-node I --after-round R``: SuperNode ``I`` (its whole process group: the node and its ClientApp
   processes) is killed with SIGKILL as soon as round ``R``'s line is in metrics.jsonl, so it is gone for the rest
-  of the run. The ServerApp's round deadline (``engine.deadline_s``, here ``--deadline`` seconds) passes without
-  its reply, the client counts as dropped (``deadline: ...``) and the run goes on to the end.
+  of the run. Its reply never comes: the client counts as dropped when the round's deadline passes
+  (``engine.deadline_s``, here ``--deadline`` seconds: ``deadline: ...``) or when the SuperLink, no longer
+  receiving the node's heartbeats, answers for it (``node unavailable: ...``, about a minute after the kill),
+  whichever comes first, and the run goes on to the end.
 * ``--kill-server-in-round R``: the ServerApp process is killed with SIGKILL once the first reply of round ``R``
   is stored (the round's journal holds it), then the run is started again with ``resume = true``; it must reuse
   that reply and end where an uninterrupted run ends.
@@ -148,7 +150,8 @@ def main() -> int:
     ap.add_argument("--kill-node", type=int, help="partition id of the SuperNode to kill")
     ap.add_argument("--after-round", type=int, default=1, help="kill the node once this round is recorded")
     ap.add_argument("--kill-server-in-round", type=int, help="kill the ServerApp after a reply of this round")
-    ap.add_argument("--deadline", type=float, default=30.0, help="engine.deadline_s of the run (seconds)")
+    ap.add_argument("--deadline", type=float, default=300.0,
+                    help="engine.deadline_s of the run (seconds; keep it well above an honest round)")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     args = ap.parse_args()
     if (args.kill_node is None) == (args.kill_server_in_round is None):
