@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
+from flower_tiny import alive, assert_flower_equals_inprocess, kill_groups, tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
 
@@ -37,28 +35,6 @@ pytestmark = [
     pytest.mark.skipif(not all(shutil.which(t) for t in ("openssl", "ssh-keygen", "setsid")),
                        reason="needs openssl, ssh-keygen and setsid"),
 ]
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_groups(pgids: list[int]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for g in pgids:
-            try:
-                os.killpg(g, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + 10
-        while any(_alive(g) for g in pgids) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +65,14 @@ def deployment(tmp_path_factory):
         try:
             log, _ = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _kill_groups([proc.pid])
+            kill_groups([proc.pid])
             log, _ = proc.communicate()
             log += f"\n[test] killed after {TIMEOUT_S} s"
     finally:
         pgid_file = out / "loopback" / "pgids"
         recorded = [int(x) for x in pgid_file.read_text().split()] if pgid_file.is_file() else []
-        _kill_groups([proc.pid, *recorded])
-    survivors = [g for g in [proc.pid, *recorded] if _alive(g)]
+        kill_groups([proc.pid, *recorded])
+    survivors = [g for g in [proc.pid, *recorded] if alive(g)]
     yield {"rc": proc.returncode, "log": log, "out": out, "config": config, "survivors": survivors,
            "pgids": recorded, "root": root, "book": book, "split": split.stdout}
 

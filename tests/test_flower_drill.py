@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flower_tiny import tiny_config
+from flower_tiny import alive, kill_groups, tiny_config
 
 pytest.importorskip("flwr")
 
@@ -30,16 +28,6 @@ from fednl.experiment import build_simulator  # noqa: E402
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 300  # far above an honest round on a loaded 2-core machine (each message starts a ClientApp process)
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> None:
@@ -57,14 +45,9 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     finally:
         pgids = [int(x) for x in (out / "loopback" / "pgids").read_text().split()] \
             if (out / "loopback" / "pgids").is_file() else []
-        for g in [proc.pid, *pgids]:
-            try:
-                os.killpg(g, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.5)
+        kill_groups([proc.pid, *pgids])
     assert proc.returncode == 0, log[-4000:]
-    assert len(pgids) == 1 + 3 + 1 and not [g for g in pgids if _alive(g)]  # SuperLink, 3 SuperNodes, flwr run
+    assert len(pgids) == 1 + 3 + 1 and not [g for g in pgids if alive(g)]  # SuperLink, 3 SuperNodes, flwr run
     drill = json.loads((out / "drill.json").read_text())
     assert [e["event"] for e in drill["events"]][:2] == ["started", "killed SuperNode"]
     assert drill["rounds_completed"] == 2 and drill["finished"]
