@@ -127,6 +127,35 @@ def serverapp_pids(superlink_pid: int) -> list[int]:
     return out
 
 
+def wait_for_superlink(port: int, proc: subprocess.Popen[bytes], env: dict[str, str], log: Path,
+                       timeout: float) -> float:
+    """Block until the SuperLink answers ``flwr ls`` (its HTTP port open and serving); return the seconds waited.
+
+    ``flwr run`` started before that fails at once ("Connection to the SuperLink is unavailable"), and on a loaded
+    machine the SuperLink takes many seconds to import and bind."""
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the SuperLink exited with {proc.returncode}:\n{tail(log)}")
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"error: the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f} s:\n"
+                             f"{tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                pass
+        except OSError:
+            time.sleep(0.5)
+            continue
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "drill"], env=env, capture_output=True, text=True)
+        if ls.returncode == 0 and "unavailable" not in ls.stdout + ls.stderr:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else f"({path.name}: no log)"
+
+
 def round_lines(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -204,6 +233,8 @@ def main() -> int:
                                         f'partition-id={i} num-partitions={n} state-dir="{work}/node-state-{i}" '
                                         f'data-dir="{data}/partition-{i}"'])
         event("started", superlink=link.pid, supernodes=n)
+        waited = wait_for_superlink(port, link, env, dep.logs / "superlink.log", timeout=min(180.0, args.timeout))
+        event("SuperLink ready", waited_s=round(waited, 1))
         flwr = [str(BIN / "flwr"), "run", str(HERE), "drill", "--stream", "--run-config"]
         deadline = t0 + args.timeout
         first = dep.start("flwr-run", [*flwr, str(run_config_file(False))])
@@ -246,6 +277,10 @@ def main() -> int:
         record["dropped"] = {str(r["round"]): r.get("dropped_reason", {}) for r in rounds}
         record["finished"] = (run / "results.json").is_file()
         rc = 0 if record["finished"] else 1
+        if rc:
+            for name in ("flwr-run", "flwr-resume", "superlink"):
+                if name in dep.procs:
+                    print(f"--- tail of {name}.log ---\n{tail(dep.logs / f'{name}.log')}", flush=True)
     finally:
         dep.stop_all()
         record["wall_s"] = round(time.monotonic() - t0, 1)

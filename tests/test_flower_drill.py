@@ -49,7 +49,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     assert proc.returncode == 0, log[-4000:]
     assert len(pgids) == 1 + 3 + 1 and not [g for g in pgids if alive(g)]  # SuperLink, 3 SuperNodes, flwr run
     drill = json.loads((out / "drill.json").read_text())
-    assert [e["event"] for e in drill["events"]][:2] == ["started", "killed SuperNode"]
+    assert [e["event"] for e in drill["events"]][:3] == ["started", "SuperLink ready", "killed SuperNode"]
     assert drill["rounds_completed"] == 2 and drill["finished"]
     assert drill["dropped"]["1"] == {}
     [(victim, why)] = drill["dropped"]["2"].items()
