@@ -24,6 +24,7 @@ from fednl.strategies.fedtreelora import (
     frobenius_distances,
     silhouette,
 )
+from test_engine_toy import toy_task
 from test_strategy_harness import build_for, final_state, hand_ctx, run_sim
 
 X0 = [0.0, 1.0, 2.0, 3.0]  # block 0: clients evenly spread (weak structure)
@@ -315,3 +316,21 @@ def test_resume_after_the_warmup_is_bit_identical(tmp_path) -> None:
     for cid in a.clients:
         ta, tb = a.clients[cid].tensors, b.clients[cid].tensors
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_client_missing_from_the_warmup_extends_it_until_it_has_uploaded(tmp_path) -> None:
+    # c1's round-1 reply never arrives: the tree cannot be built after round 1 (it needs every client's upload),
+    # so warm-up runs one more round; round 2 brings c1's upload and the tree is built over all three clients
+    opts = FedTreeLoRA.Options(tau=-1.0, warmup_rounds=1)
+    model, strat = build_for("fedtreelora", opts)
+    clients = sorted(c.name for c in toy_task().clients)
+    run_sim(model, strat, tmp_path / "dropped", rounds=3, stop_after=1, silent={(1, clients[1])})
+    assert strat.in_warmup and strat.warmup_missing() == [clients[1]]
+    model, strat = build_for("fedtreelora", opts)
+    run_sim(model, strat, tmp_path / "dropped", rounds=3, resume=True)
+    assert not strat.in_warmup and sorted(strat.labels(strat.block_ids[0])) == clients
+    assert set(strat.cuts().values()) == {2}
+    # with no one missing the tree comes after round 1, as before
+    model, strat = build_for("fedtreelora", opts)
+    run_sim(model, strat, tmp_path / "all", rounds=1)
+    assert not strat.in_warmup

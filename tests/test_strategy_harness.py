@@ -38,14 +38,20 @@ def build_for(name: str, options: BaseModel | None = None, *, kind: ModelSpec | 
 
 def run_sim(model: torch.nn.Module, strategy: Strategy, out: Path, *, rounds: int = 2, seed: int = 3,
             lr: float = 0.05, optimizer: str = "adamw", max_steps: int | None = 2, grad_clip: float = 1.0,
-            stop_after: int | None = None, resume: bool = False) -> Simulator:
+            stop_after: int | None = None, resume: bool = False,
+            silent: set[tuple[int, str]] | None = None) -> Simulator:
     """Run ``rounds`` rounds of the real simulator on the 3-client toy task (or stop after ``stop_after``, or
-    resume the run in ``out``); returns the simulator."""
+    resume the run in ``out``); returns the simulator. ``silent``: (round, client) pairs whose reply never
+    arrives (a drop-out)."""
     train = TrainConfig(batch_size=2, seq_len=32, lr=lr, optimizer=optimizer, max_steps=max_steps, grad_clip=grad_clip)
     engine = EngineConfig(progress=False, eval_every=0)
     spec = RunSpec(rounds=rounds, seed=seed, train=train, engine=engine, out=out, method=strategy.name,
                    model_name="tiny", config={"rounds": rounds})
     sim = Simulator(model, tokenizer(), toy_task(), strategy, spec, log=lambda s: None)
+    if silent:
+        inner = sim.executor.train
+        sim.executor.train = lambda r, jobs, state: [x for x in inner(r, jobs, state)  # type: ignore[method-assign]
+                                                     if (r, x.cid) not in silent]
     sim.run(resume=resume, stop_after=stop_after)
     return sim
 

@@ -7,7 +7,9 @@ client's private scalar ``λ = sigmoid(ρ)``; a server-set gate is 0 in blocks t
 1. **Warm-up** (``warmup_rounds`` rounds): ``warmup_mode="local"`` (the paper) — each client trains its own LoRA
    and uploads it; nothing is averaged into the clients (they continue from their own copy, kept in their
    ``ClientState``). ``"fedavg"`` — the warm-up rounds are plain FedAvg (FedIT) rounds.
-2. **Tree** (once, after the last warm-up round): with ``B_{l,k}`` client k's LoRA ``B`` matrices in block l,
+2. **Tree** (once, after the last warm-up round, as soon as every client has uploaded: a client that dropped
+   out, was rejected or was not sampled keeps the run in warm-up, round after round, until it has sent one):
+   with ``B_{l,k}`` client k's LoRA ``B`` matrices in block l,
    ``D^(l)_ij = mean over the block's adapted modules of ||B_i − B_j||_F`` and ``D = mean_l D^(l)``;
    agglomerative clustering of ``D`` (``linkage``, default ``"average"``) gives one merge tree T.
 3. **Cuts**, shallow to deep, ``c_0 = 1``: block l takes ``c_l = argmax_{c ∈ Ω_l} φ(c)`` over
@@ -263,7 +265,9 @@ class FedTreeLoRA(Strategy):
                 self._uploads[r.cid] = {n: t.detach().clone() for n, t in r.payload.tensors.items()}
             new_global = weighted_average([r.payload.tensors for r in replies], weights)
             self._rounds_done += 1
-            if self._rounds_done >= int(self.options.warmup_rounds):
+            # the tree needs an upload from every client: a client that dropped out, was rejected or was not sampled
+            # keeps the run in warm-up until it has sent one (``warmup_missing`` names who is still awaited)
+            if self._rounds_done >= int(self.options.warmup_rounds) and not self.warmup_missing():
                 self.build()
                 return self.global_mean(new_global)
             return new_global
@@ -277,6 +281,10 @@ class FedTreeLoRA(Strategy):
                         [{n: m.payload.tensors[n] for n in names} for m, _ in members], [w for _, w in members])
         self._rounds_done += 1
         return self.global_mean(global_params)
+
+    def warmup_missing(self) -> list[str]:
+        """The clients without a warm-up upload yet (the tree is built once this is empty)."""
+        return [c for c in self._clients if c not in self._uploads]
 
     def build(self) -> None:
         """Build the tree and the per-block cuts and cluster experts from the clients' warm-up uploads."""
