@@ -22,6 +22,7 @@ from fednl.config import RESOLVED_NAME, RunConfig, save_resolved
 from fednl.engine.simulator import RunSpec, Simulator, human_bytes
 from fednl.records import HIGHER_IS_BETTER, RESULTS_NAME, Results
 from fednl.util.atomic import atomic_write_json
+from fednl.util.threads import torch_threads
 
 Log = Callable[[str], None]
 
@@ -75,23 +76,24 @@ def build_simulator(cfg: RunConfig, out: str | Path, *, log: Log = print) -> Sim
 def run_config(cfg: RunConfig, out: str | Path, *, resume: bool = False, log: Log = print) -> dict[str, Any]:
     """Run (or resume) one method; writes config.resolved.toml, metrics.jsonl, results.json and checkpoints."""
     out = Path(out)
-    threads = torch.get_num_threads()
-    if cfg.engine.threads:
-        torch.set_num_threads(int(cfg.engine.threads))
     try:
-        if not resume:  # first: from here on the folder can be resumed, whenever the process dies
-            out.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, out)
-        sim = build_simulator(cfg, out, log=log)
-        log(f"== {cfg.method.name} | model {sim.spec.model_name} | task {sim.task.name} | "
-            f"{len(sim.client_names)} clients | {cfg.rounds} rounds | wire {wire_label(sim)} | "
-            f"{torch.get_num_threads()} threads | out {out}")
-        results = sim.run(resume=resume)
-        assert results is not None
-        del sim
+        with torch_threads(cfg.engine.threads):
+            results = _run(cfg, out, resume=resume, log=log)
     finally:
-        torch.set_num_threads(threads)
         gc.collect()
+    return results
+
+
+def _run(cfg: RunConfig, out: Path, *, resume: bool, log: Log) -> dict[str, Any]:
+    if not resume:  # first: from here on the folder can be resumed, whenever the process dies
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
+    sim = build_simulator(cfg, out, log=log)
+    log(f"== {cfg.method.name} | model {sim.spec.model_name} | task {sim.task.name} | "
+        f"{len(sim.client_names)} clients | {cfg.rounds} rounds | wire {wire_label(sim)} | "
+        f"{torch.get_num_threads()} threads | out {out}")
+    results = sim.run(resume=resume)
+    assert results is not None
     return results
 
 

@@ -36,23 +36,17 @@ def score(
 ) -> None:
     """Stream FILE through the converted model (bounded memory: the memory state + sinks + window) and print the
     next-token cross-entropy (nats) per position bin and overall."""
-    import torch
-
     from fednl.eval.score import format_score, score_file
+    from fednl.util.threads import torch_threads
 
     with user_errors():
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        before = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             rec = score_file(file, rule=rule, model=model, window=window, sinks=sinks, memory=memory,
                              bin_size=bin_size, max_tokens=max_tokens, chunk=chunk, progress=progress, cache=cache,
                              cache_every=cache_every,
                              log=lambda msg: typer.echo(msg, err=True), free_backbone=True)
-        finally:
-            torch.set_num_threads(before)
         typer.echo(json.dumps(rec) if json_out else format_score(rec, str(file)))
 
 

@@ -127,6 +127,7 @@ class NodeRuntime:
     runtime: ClientRuntime
     fingerprint: str
     config_sha: str
+    threads: int | None = None  # the run's engine.threads: a node trains on as many as the in-process run would
 
 
 _RUNTIMES: dict[str, NodeRuntime] = {}
@@ -150,7 +151,8 @@ def runtime_for(run: RunRecord) -> NodeRuntime:
         fingerprint = model_fingerprint(parts.model)  # before any client trains the shared model
         _RUNTIMES.clear()
         rt = _RUNTIMES[run.config_sha] = NodeRuntime(ClientRuntime(parts.model, parts.tokenizer, parts.strategy,
-                                                                   parts.spec), fingerprint, run.config_sha)
+                                                                   parts.spec), fingerprint, run.config_sha,
+                                                     cfg.engine.threads)
     if rt.fingerprint != run.fingerprint:
         raise ValueError("the model built on this SuperNode differs from the ServerApp's (fingerprint mismatch): "
                          "different backbone weights or fednl version?")
@@ -175,6 +177,7 @@ def handle_query(msg: Message, ctx: Context, *, simulation: bool = False) -> Mes
 def handle_train(msg: Message, ctx: Context, *, simulation: bool = False) -> Message:
     """One local round: refuse another client's data, decode, load state from disk, train, save state, reply."""
     from fednl.flower.codec import decode_payload, encode_payload
+    from fednl.util.threads import torch_threads
 
     run, node, data = _request(msg, ctx, "train", simulation)
     client = data.serve(run.cid, "train")
@@ -183,8 +186,9 @@ def handle_train(msg: Message, ctx: Context, *, simulation: bool = False) -> Mes
     state = store.load_before(run.round, run.cid)
     down = decode_payload(msg.content)
     rt.runtime.wire.check(down, "down")
-    up, reply = rt.runtime.round(run.round, run.cid, down, state, client.train,
-                                 initial_local=rt.runtime.initial_local, seeds=(int(run.seed_gen), int(run.seed_torch)))
+    with torch_threads(rt.threads):
+        up, reply = rt.runtime.round(run.round, run.cid, down, state, client.train, initial_local=rt.runtime.initial_local,
+                                     seeds=(int(run.seed_gen), int(run.seed_torch)))
     store.save(run.round, state)
     content = encode_payload(up)
     content[REPLY] = MetricRecord({"num-examples": int(reply.num_examples),
@@ -198,6 +202,7 @@ def handle_evaluate(msg: Message, ctx: Context, *, simulation: bool = False) -> 
     strategy's ``eval_params``) on its test split, a held-out client's global model on all its examples."""
     from fednl.client.state import ClientState
     from fednl.flower.codec import record_to_tensors
+    from fednl.util.threads import torch_threads
 
     run, node, data = _request(msg, ctx, "evaluate", simulation)
     data.serve(run.cid, "evaluate")
@@ -208,8 +213,9 @@ def handle_evaluate(msg: Message, ctx: Context, *, simulation: bool = False) -> 
     state = ClientState(run.cid) if data.heldout else state_store(node, run).load_before(run.round + 1, run.cid)
     rt.runtime.strategy.load_server_state(record_to_tensors(msg.content[SERVER]),
                                           json.loads(str(msg.content[SERVER_INFO]["json"])))
-    metrics = rt.runtime.evaluate(run.cid, data.eval_examples(), record_to_tensors(msg.content[GLOBAL]), state,
-                                  rt.runtime.initial_local)
+    with torch_threads(rt.threads):
+        metrics = rt.runtime.evaluate(run.cid, data.eval_examples(), record_to_tensors(msg.content[GLOBAL]), state,
+                                      rt.runtime.initial_local)
     return Message(RecordDict({EVAL: MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
 
 
