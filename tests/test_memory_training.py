@@ -214,9 +214,12 @@ def test_range_means_and_gains_by_hand():
     assert default_ranges(512) == [(1, 512), (512, None)]
     model = _model()
     docs = [Example(uid="x", kind="text", prompt=TEXT)]
-    out = memory_views(model, TOK, docs, seq_len=200, batch_size=1, window=8, far=16)
+    lines: list[str] = []
+    out = memory_views(model, TOK, docs, seq_len=200, batch_size=1, window=8, far=16, log=lines.append, label="x: ")
     for c in ("memory", "zeroed", "window", "full"):
         assert len(out[c]["ranges"]) == 3
+    assert [ln.split(" (")[0] for ln in lines] == ["  x: memory", "  x: zeroed", "  x: window", "  x: full"]
+    assert f"CE beyond 16 {out['full']['ranges'][-1]['ce']:.4f}" in lines[-1]  # one progress line per condition
     inside = out["window"]["ranges"][0]["ce"] - out["memory"]["ranges"][0]["ce"]
     beyond = out["window"]["ranges"][-1]["ce"] - out["memory"]["ranges"][-1]["ce"]
     assert out["gain_inside"] == inside == 0.0  # evicted writes: the memory is empty inside the window

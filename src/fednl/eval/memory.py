@@ -134,16 +134,23 @@ def _with_gains(out: dict[str, Any]) -> dict[str, Any]:
 
 def memory_views(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], *, seq_len: int, batch_size: int,
                  window: int, conditions: Sequence[str] = CONDITIONS, bin_size: int = 64,
-                 far: int = 256) -> dict[str, Any]:
-    """CE by range and by bin for each condition, the memory's gains and the share of the window's gap it closes."""
+                 far: int = 256, log: Any = None, label: str = "") -> dict[str, Any]:
+    """CE by range and by bin for each condition, the memory's gains and the share of the window's gap it closes.
+    ``log``: called with one progress line per condition (its CE beyond ``far`` and its seconds)."""
+    import time
+
     ranges = default_ranges(window, far)
     out: dict[str, Any] = {"ranges": [list(r) for r in ranges], "bin_size": bin_size, "n": len(examples)}
-    for name in conditions:
+    for i, name in enumerate(conditions, 1):
+        t0 = time.perf_counter()
         with condition(model, name):
             values, mask = token_ce_matrix(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size)
         bins = [(s, s + bin_size) for s in range(0, values.shape[1], bin_size)]
         out[name] = {"ranges": range_means(values, mask, ranges),
                      "bins": [b for b in range_means(values, mask, bins) if b["tokens"]]}
+        if log is not None:
+            log(f"  {label}{name} ({i}/{len(conditions)}): CE beyond {ranges[-1][0]} "
+                f"{out[name]['ranges'][-1]['ce']:.4f}  {time.perf_counter() - t0:.0f} s")
     return _with_gains(out)
 
 
@@ -191,7 +198,7 @@ def run_memory_views(run_dir: Any, *, clients: str = "heldout", max_examples: in
         else:
             sim.install_client(cid, state.global_params, state)
         views = memory_views(sim.model, sim.tokenizer, examples, seq_len=seq_len, batch_size=bs, window=int(window),
-                             conditions=conditions)
+                             conditions=conditions, log=log, label=f"{cid}: ")
         per_client[cid] = views
         log(f"memory views {cid}: " + "  ".join(
             f"{c} {views[c]['ranges'][-1]['ce']:.4f}" for c in conditions) + f"  (beyond position "
