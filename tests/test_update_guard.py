@@ -108,14 +108,22 @@ def test_dp_round_clips_noises_and_accounts() -> None:
     assert UpdateGuard(n_clients=4).state() == {} and UpdateGuard(n_clients=4).released(4) is None
 
 
-def test_scaffold_replies_pass_and_median_replaces_only_the_model_mean() -> None:
+def test_scaffold_median_covers_the_model_and_the_control_variates() -> None:
+    def replies() -> list[ClientReply]:  # client c sends an outlying model and an outlying correction Δc
+        return [ClientReply(c, Payload({"x": torch.tensor(v), "y": torch.zeros(1), DC_UP + "x": torch.full((2,), d),
+                                        DC_UP + "y": torch.ones(1)}), 1)
+                for c, v, d in (("a", [1.0, 1.0], 1.0), ("b", [2.0, 2.0], 3.0), ("c", [90.0, 90.0], 500.0))]
+
     s = Scaffold(groups=GROUPS)
     s.sample(1, ["a", "b", "c"], __import__("random").Random(0))
-    dc = {DC_UP + "x": torch.ones(2), DC_UP + "y": torch.ones(1)}
-    replies = [ClientReply(c, Payload({"x": torch.tensor(v), "y": torch.zeros(1), **dc}), 1)
-               for c, v in (("a", [1.0, 1.0]), ("b", [2.0, 2.0]), ("c", [90.0, 90.0]))]
-    out, step = aggregate(s, UpdateGuard(robust=RobustConfig(rule="median"), n_clients=3), replies, m=3)
+    out, step = aggregate(s, UpdateGuard(robust=RobustConfig(rule="median"), n_clients=3), replies(), m=3)
     assert step.rejected == [] and torch.equal(out["x"], torch.tensor([2.0, 2.0]))
+    # c ← c + (|S|/N) · median(Δc) = 0 + 1 · 3; the plain mean would be (1 + 3 + 500) / 3 = 168
+    assert torch.equal(s._controls(out)["x"], torch.tensor([3.0, 3.0]))
+    plain = Scaffold(groups=GROUPS)
+    plain.sample(1, ["a", "b", "c"], __import__("random").Random(0))
+    out, _ = aggregate(plain, UpdateGuard(n_clients=3), replies(), m=3)
+    assert torch.equal(plain._controls(out)["x"], torch.tensor([168.0, 168.0]))
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -54,8 +54,8 @@ class Scaffold(Strategy):
 
     name: ClassVar[str] = "scaffold"
     model_kind: ClassVar[str] = "lora"
-    # the control variates are a plain mean of the clients' corrections and are sent to every client: a robust
-    # mean replaces only the model average, and client-level DP would leave the corrections un-noised
+    # the control variates are a mean of the clients' corrections, sent to every client: a robust mean (median,
+    # trimmed mean) replaces it as it replaces the model average; client-level DP would leave them un-noised
     private_mean: ClassVar[bool] = False
 
     class Options(Strategy.Options):
@@ -100,9 +100,13 @@ class Scaffold(Strategy):
         if self._n_clients <= 0:
             raise StrategyError("SCAFFOLD: aggregate before sample() told the number of clients")
         controls = self._controls(global_params)
+        dcs = [{n: r.payload.tensors[DC_UP + n].to(torch.float32) for n in names} for r in replies]
+        if self._mean is None:  # the paper's plain mean
+            dc_mean = {n: torch.stack([d[n] for d in dcs]).mean(dim=0) for n in names}
+        else:  # a robust mean (median, trimmed mean) covers the corrections too: one client cannot steer c
+            dc_mean = self.mean(dcs, [1.0] * len(dcs))
         for n in names:
-            dc = torch.stack([r.payload.tensors[DC_UP + n].to(torch.float32) for r in replies]).mean(dim=0)
-            controls[n] = controls[n] + dc * (len(replies) / self._n_clients)
+            controls[n] = controls[n] + dc_mean[n].to(torch.float32) * (len(replies) / self._n_clients)
         return new
 
     def server_state(self) -> tuple[Params, dict[str, Any]]:
