@@ -6,7 +6,8 @@
 
 One SuperLink and one SuperNode per client of CONFIG (insecure, 127.0.0.1 only: the TLS and authentication set-up
 is deploy/loopback_smoke.sh's), each node reading its own client folder (``fednl flower split-data``), then
-``flwr run`` of fednl's app.
+``flwr run`` of fednl's app, once the SuperLink answers ``flwr ls`` (on a loaded machine it needs many seconds to
+start serving, and a ``flwr run`` before that fails at once).
 
 * ``--kill-node I --after-round R``: SuperNode ``I`` (its whole process group: the node and its ClientApp
   processes) is killed with SIGKILL as soon as round ``R``'s line is in metrics.jsonl, so it is gone for the rest
