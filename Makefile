@@ -35,6 +35,7 @@ demo: $(STAMP)
 	$(BIN)/fednl run quickstart --out $(QS) --overwrite
 	$(BIN)/fednl memory-eval $(QS) --max-examples 2
 	@echo "next: make report  (evaluation views, inference-memory bench and $(QS)/report.html)"
+	@echo "      $(BIN)/fednl memory-eval $(QS) --max-examples 2 --cache 128 --conditions memory,cache,wider,window,full  (the sparse cache, ~1.5 min)"
 
 # The quickstart's report: evaluation views (CE by position), a short inference-memory benchmark, then the
 # self-contained HTML page. Needs `make demo` first.
