@@ -217,8 +217,10 @@ def test_errors() -> None:
     strat = FedTreeLoRA(groups=GROUPS)
     strat.sample(1, CLIENTS, random.Random(0))
     glob = {n: torch.zeros_like(t) for n, t in upload(0).items()}
-    with pytest.raises(StrategyError, match="missing"):
-        strat.aggregate_train(1, [ClientReply("c0", Payload(upload(0)), 1)], glob)
+    strat.aggregate_train(1, [ClientReply("c0", Payload(upload(0)), 1)], glob)  # the others are missing:
+    assert strat.in_warmup and strat.warmup_missing() == [c for c in CLIENTS if c != "c0"]  # warm-up goes on
+    with pytest.raises(StrategyError, match="missing"):  # building by hand without them is refused
+        strat.build()
     bad = upload(1)
     bad[N0["B"]] = torch.full((2, 1), float("inf"))
     with pytest.raises(StrategyError, match="NaN or Inf"):
