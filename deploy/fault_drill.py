@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fednl.util.procs import stop_groups
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
@@ -75,25 +77,7 @@ class Deployment:
         self.procs[name].wait(timeout=30)
 
     def stop_all(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in self.procs.values():
-                try:
-                    os.killpg(proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(_alive(p.pid) for p in self.procs.values()):
-                time.sleep(0.2)
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stop_groups(p.pid for p in self.procs.values())
 
 
 def children(pid: int) -> list[int]:

@@ -4,9 +4,6 @@ and the one check that a Flower run ended exactly where the in-process run did."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import torch
@@ -87,27 +84,3 @@ def assert_flower_equals_inprocess(inprocess_dir: Path, flower_dir: Path) -> dic
         assert sum(h["payload"] for h in rows if h["direction"] == "up") == per["bytes_up"]
     assert all(h["overhead"] > 0 for h in record["hop"])  # keys + run record are reported, separately
     return got
-
-
-def alive(pgid: int) -> bool:
-    """Whether process group ``pgid`` still has a process (one we may not signal counts as alive)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def kill_groups(pgids: list[int]) -> None:
-    """SIGTERM, then SIGKILL, every process group in ``pgids``; waits up to 10 s after each for them to be gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for g in pgids:
-            try:
-                os.killpg(g, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + 10
-        while any(alive(g) for g in pgids) and time.monotonic() < deadline:
-            time.sleep(0.2)

@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from flower_tiny import alive, assert_flower_equals_inprocess, kill_groups, tiny_config  # noqa: E402
+from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
 
 pytest.importorskip("flwr")
+
+from fednl.util.procs import group_alive, stop_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "loopback_smoke.sh"
@@ -65,14 +67,14 @@ def deployment(tmp_path_factory):
         try:
             log, _ = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            kill_groups([proc.pid])
+            stop_groups([proc.pid])
             log, _ = proc.communicate()
             log += f"\n[test] killed after {TIMEOUT_S} s"
     finally:
         pgid_file = out / "loopback" / "pgids"
         recorded = [int(x) for x in pgid_file.read_text().split()] if pgid_file.is_file() else []
-        kill_groups([proc.pid, *recorded])
-    survivors = [g for g in [proc.pid, *recorded] if alive(g)]
+        stop_groups([proc.pid, *recorded])
+    survivors = [g for g in [proc.pid, *recorded] if group_alive(g)]
     yield {"rc": proc.returncode, "log": log, "out": out, "config": config, "survivors": survivors,
            "pgids": recorded, "root": root, "book": book, "split": split.stdout}
 

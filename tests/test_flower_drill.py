@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_tiny import alive, kill_groups, tiny_config
+from flower_tiny import tiny_config
 
 pytest.importorskip("flwr")
 
 from fednl.config import load_config  # noqa: E402
 from fednl.engine.runstate import load_checkpoint  # noqa: E402
 from fednl.experiment import build_simulator  # noqa: E402
+from fednl.util.procs import group_alive, stop_groups  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +46,9 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     finally:
         pgids = [int(x) for x in (out / "loopback" / "pgids").read_text().split()] \
             if (out / "loopback" / "pgids").is_file() else []
-        kill_groups([proc.pid, *pgids])
+        stop_groups([proc.pid, *pgids])
     assert proc.returncode == 0, log[-4000:]
-    assert len(pgids) == 1 + 3 + 1 and not [g for g in pgids if alive(g)]  # SuperLink, 3 SuperNodes, flwr run
+    assert len(pgids) == 1 + 3 + 1 and not [g for g in pgids if group_alive(g)]  # SuperLink, 3 SuperNodes, flwr run
     drill = json.loads((out / "drill.json").read_text())
     assert [e["event"] for e in drill["events"]][:3] == ["started", "SuperLink ready", "killed SuperNode"]
     assert drill["rounds_completed"] == 2 and drill["finished"]
