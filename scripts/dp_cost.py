@@ -34,48 +34,10 @@ from fednl.engine.dp import ClientDP, DPConfig
 from fednl.engine.screening import update_norm
 from fednl.experiment import build_simulator, run_config
 from fednl.util.atomic import atomic_write_json
+from tiny_stream import tiny_stream_config
 
 METHODS = {"fednl": ["method.scope=rules"], "fedavg": []}
 LABEL = {"fednl": "FedNL (rules)", "fedavg": "FedAvg-LoRA"}
-
-
-def config_text(*, clients: int, rounds: int) -> str:
-    return f"""
-seed = 0
-rounds = {rounds}
-[method]
-name = "fednl"
-[model]
-source = "tiny"
-tiny_hidden = 32
-tiny_layers = 2
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 64
-[memory]
-chunk_size = 32
-[lora]
-r = 4
-alpha = 8.0
-[task]
-name = "stream"
-doc_length = 96
-parts_per_book = {clients}
-max_train = 4
-max_test = 2
-bin_size = 32
-[task.partition]
-kind = "iid"
-n_clients = {clients}
-[train]
-batch_size = 2
-seq_len = 96
-max_steps = 4
-lr = 5e-2
-[engine]
-threads = 1
-progress = false
-"""
 
 
 def overrides(method: str, seed: int, dp: tuple[float, float] | None) -> list[str]:
@@ -126,7 +88,7 @@ def main() -> None:
     noise = [float(z) for z in args.noise.split(",") if z]
     args.out.mkdir(parents=True, exist_ok=True)
     config = args.out / "dp-cost.toml"
-    config.write_text(config_text(clients=args.clients, rounds=args.rounds))
+    config.write_text(tiny_stream_config(seed=0, rounds=args.rounds, clients=args.clients))
     rows: list[dict[str, Any]] = []
     clip: dict[str, float] = {}
     numel: dict[str, int] = {}

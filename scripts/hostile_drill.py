@@ -64,6 +64,7 @@ from fednl.experiment import build_simulator, run_config
 from fednl.strategies.base import Params, Payload, weighted_mean
 from fednl.util.atomic import atomic_write_json
 from fednl.util.faults import ENV as KILL_ENV
+from tiny_stream import tiny_stream_config
 
 REPO = Path(__file__).resolve().parents[1]
 N_CLIENTS = 7
@@ -76,46 +77,7 @@ AGGREGATIONS = {
 Fault = Callable[[Params, Params, random.Random], Params]  # (sent, reply tensors, rng) -> what the node sends
 
 
-def config_text(rounds: int, seed: int) -> str:
-    return f"""
-seed = {seed}
-rounds = {rounds}
-[method]
-name = "fednl"
-scope = "rules"
-[model]
-source = "tiny"
-tiny_hidden = 32
-tiny_layers = 2
-tiny_heads = 2
-tiny_kv_heads = 1
-tiny_intermediate = 64
-[memory]
-chunk_size = 32
-[lora]
-r = 4
-alpha = 8.0
-[task]
-name = "stream"
-doc_length = 96
-parts_per_book = {N_CLIENTS}
-max_train = 4
-max_test = 2
-bin_size = 32
-[task.partition]
-kind = "iid"
-n_clients = {N_CLIENTS}
-[train]
-batch_size = 2
-seq_len = 96
-max_steps = 4
-lr = 5e-2
-[screen]
-norm_k = 10
-[engine]
-threads = 1
-progress = false
-"""
+SCREEN = "[screen]\nnorm_k = 10\n"
 
 
 def _delta(scale: Callable[[torch.Tensor, random.Random], torch.Tensor]) -> Fault:
@@ -354,9 +316,7 @@ def summarise(out: Path, engine: str, scenario: str, aggregation: str, probe: Pr
 def deploy_rows(out: Path) -> list[dict[str, Any]]:
     """The two loopback drills of deploy/fault_drill.py on a 3-client FedAvg config."""
     cfg = out / "deploy.toml"
-    cfg.write_text(config_text(2, 5).replace("parts_per_book = 7", "parts_per_book = 3")
-                   .replace("n_clients = 7", "n_clients = 3").replace('name = "fednl"\nscope = "rules"',
-                                                                    'name = "fedavg"'))
+    cfg.write_text(tiny_stream_config(seed=5, rounds=2, clients=3, method="fedavg", extra=SCREEN))
     rows = []
     clean = out / "deploy-clean"
     run_config(load_config(str(cfg)), clean, log=lambda s: None)
@@ -417,7 +377,7 @@ def main() -> None:
         raise SystemExit(f"{args.out} is not empty")
     args.out.mkdir(parents=True)
     config = args.out / "drill.toml"
-    config.write_text(config_text(args.rounds, args.seed))
+    config.write_text(tiny_stream_config(seed=args.seed, rounds=args.rounds, clients=N_CLIENTS, extra=SCREEN))
     torch.set_num_threads(1)
     rows = []
     robust_for = set(args.robust_for.split(","))
