@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fednl.memory import delta_rule
+from fednl.util.threads import torch_threads
 
 LENGTHS = (256, 1024, 4096)
 
@@ -54,9 +55,7 @@ def measure(
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of positive integers; got {list(lengths)}")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         warm = _inputs(batch, min(64, min(lengths)), heads, dim, seed)
         for mode in ("recurrent", "chunk"):
             _fwd_bwd(warm, mode)
@@ -79,8 +78,6 @@ def measure(
                     "max_abs_err": float((outputs["recurrent"] - outputs["chunk"]).abs().max()),
                 }
             )
-    finally:
-        torch.set_num_threads(previous_threads)
     return records
 
 

@@ -61,6 +61,7 @@ from fednl.records import (
     PositionView,
     View,
 )
+from fednl.util.threads import torch_threads
 
 
 def _is_titans(sim: Simulator) -> bool:
@@ -169,11 +170,8 @@ def _view(sim: Simulator, examples: list[Any]) -> tuple[dict[str, float], dict[s
 def evaluate_run(run_dir: str | Path, *, aggregation: bool = True, log: Any = print) -> EvalReport:
     """The full protocol on ``run_dir``; returns the report written to ``eval.json``. Uses the run's
     ``engine.threads`` like ``fednl run`` does."""
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):  # the run's count is set once the run is loaded; the caller's is restored after
         return _evaluate_run(run_dir, aggregation=aggregation, log=log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _evaluate_run(run_dir: str | Path, *, aggregation: bool, log: Any) -> EvalReport:
