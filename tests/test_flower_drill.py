@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from flower_tiny import tiny_config
+from lost_replies import lose_replies
 
 pytest.importorskip("flwr")
 
@@ -62,9 +63,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_goes_on(tmp_path: Path) -> No
     assert per[2]["bytes_up"] * 3 == per[2]["bytes_down"] * 2  # downlink to 3 nodes, uplink from 2
     # the same run in process, where client01's round-2 reply never arrives: the same global parameters
     sim = build_simulator(load_config(str(config)), tmp_path / "silent", log=lambda _m: None)
-    inner = sim.executor.train
-    sim.executor.train = lambda r, jobs, state: [x for x in inner(r, jobs, state)  # type: ignore[method-assign]
-                                                 if (r, x.cid) != (2, "client01")]
+    lose_replies(sim, {(2, "client01")})
     sim.run()
     ga = load_checkpoint(run / "checkpoint").global_params
     gb = load_checkpoint(tmp_path / "silent" / "checkpoint").global_params

@@ -32,6 +32,7 @@ from fednl.flower.node import build_client_app, handle_evaluate, handle_query, h
 from fednl.flower.protocol import RunRecord  # noqa: E402
 from fednl.flower.server import server_main  # noqa: E402
 from flower_tiny import assert_flower_equals_inprocess, tiny_config  # noqa: E402
+from lost_replies import lose_replies  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 3
@@ -59,9 +60,7 @@ def flower(cfg: Path, out: Path, grid: LocalGrid | None = None, *, resume: bool 
 def inprocess_without(cfg: Path, out: Path, rnd: int, cid: str) -> None:
     """The same run in process, where ``cid``'s reply of round ``rnd`` never arrives."""
     sim = build_simulator(load_config(str(cfg)), out, log=silent)
-    inner = sim.executor.train
-    sim.executor.train = lambda r, jobs, state: [x for x in inner(r, jobs, state)  # type: ignore[method-assign]
-                                                 if (r, x.cid) != (rnd, cid)]
+    lose_replies(sim, {(rnd, cid)})
     sim.run()
 
 

@@ -26,6 +26,7 @@ from fednl.flower.node import handle_evaluate, handle_query, handle_train  # noq
 from fednl.flower.protocol import ANSWER, REPLY, RunRecord  # noqa: E402
 from fednl.strategies.base import Payload  # noqa: E402
 from flower_tiny import tiny_config  # noqa: E402
+from lost_replies import lose_replies  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,9 +69,7 @@ def test_a_hostile_node_is_screened_on_flower(tmp_path: Path, corrupt, check: st
               client_app=hostile_client_app(corrupt))
     # the same run in process, where the victim's round-1 reply never arrives
     sim = build_simulator(load_config(str(config)), tmp_path / "silent", log=lambda s: None)
-    inner = sim.executor.train
-    sim.executor.train = lambda rnd, jobs, state: [r for r in inner(rnd, jobs, state)  # type: ignore[method-assign]
-                                                   if (rnd, r.cid) != (1, VICTIM)]
+    lose_replies(sim, {(1, VICTIM)})
     sim.run()
     ga = load_checkpoint(tmp_path / "flower" / "checkpoint").global_params
     gb = load_checkpoint(tmp_path / "silent" / "checkpoint").global_params

@@ -18,6 +18,7 @@ from fednl.engine.simulator import RunSpec, Simulator
 from fednl.models import LoraConfig, ModelConfig, ModelSpec, build_model, param_groups
 from fednl.strategies import get_strategy
 from fednl.strategies.base import ClientContext, Strategy
+from lost_replies import lose_replies
 from test_engine_toy import tokenizer, toy_task
 
 # Tiny shapes: one intra-op thread is much faster than two on a shared 2-core machine (no oversubscription).
@@ -49,9 +50,7 @@ def run_sim(model: torch.nn.Module, strategy: Strategy, out: Path, *, rounds: in
                    model_name="tiny", config={"rounds": rounds})
     sim = Simulator(model, tokenizer(), toy_task(), strategy, spec, log=lambda s: None)
     if silent:
-        inner = sim.executor.train
-        sim.executor.train = lambda r, jobs, state: [x for x in inner(r, jobs, state)  # type: ignore[method-assign]
-                                                     if (r, x.cid) not in silent]
+        lose_replies(sim, silent)
     sim.run(resume=resume, stop_after=stop_after)
     return sim
 
