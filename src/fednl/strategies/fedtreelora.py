@@ -289,7 +289,7 @@ class FedTreeLoRA(Strategy):
     def build(self) -> None:
         """Build the tree and the per-block cuts and cluster experts from the clients' warm-up uploads."""
         clients = list(self._clients) or sorted(self._uploads)
-        missing = [c for c in clients if c not in self._uploads]
+        missing = self.warmup_missing()
         if missing:
             raise StrategyError(
                 f"FedTreeLoRA needs a warm-up upload from every client to build its tree; missing {missing} "
